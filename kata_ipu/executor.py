@@ -79,7 +79,7 @@ class Executor:
         self,
         argv: Sequence[str],
         *,
-        input: bytes | None = None,  # noqa: A002 - mirrors subprocess.run
+        input: bytes | None = None,
         check: bool = True,
         timeout: float | None = None,
         env: Mapping[str, str] | None = None,
@@ -113,7 +113,7 @@ class Executor:
         self,
         argv: Sequence[str],
         *,
-        input: bytes | None = None,  # noqa: A002
+        input: bytes | None = None,
         check: bool = True,
         timeout: float | None = None,
         env: Mapping[str, str] | None = None,

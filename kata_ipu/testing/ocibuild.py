@@ -64,7 +64,9 @@ class LayerBuilder:
 
     def __init__(self) -> None:
         self._buf = io.BytesIO()
-        self._tar = tarfile.open(fileobj=self._buf, mode="w", format=tarfile.PAX_FORMAT)
+        self._tar = tarfile.open(  # noqa: SIM115 - closed by build()
+            fileobj=self._buf, mode="w", format=tarfile.PAX_FORMAT
+        )
 
     def _add(self, info: tarfile.TarInfo, data: bytes | None = None,
              xattrs: dict[str, bytes] | None = None) -> LayerBuilder:
@@ -188,6 +190,14 @@ class BuiltImage:
     diff_ids: tuple[str, ...]
 
 
+def _ref_name(entry: dict[str, object]) -> str | None:
+    annotations = entry.get("annotations")
+    if isinstance(annotations, dict):
+        ref = annotations.get("org.opencontainers.image.ref.name")
+        return ref if isinstance(ref, str) else None
+    return None
+
+
 class OciLayout:
     """Writes an OCI image layout directory (``oci-layout``, ``index.json``, ``blobs/``)."""
 
@@ -256,9 +266,7 @@ class OciLayout:
         if tag_in_index:
             annotations = {"org.opencontainers.image.ref.name": ref} if ref else {}
             self._manifests = [
-                m for m in self._manifests
-                if not ref or m.get("annotations", {}).get(  # type: ignore[union-attr]
-                    "org.opencontainers.image.ref.name") != ref
+                m for m in self._manifests if not ref or _ref_name(m) != ref
             ]
             self._manifests.append(
                 Descriptor(MT_MANIFEST, mdesc.digest, mdesc.size, annotations,
@@ -276,11 +284,7 @@ class OciLayout:
             "manifests": [img.manifest.to_json() for img in images],
         }
         desc = self.add_blob(json.dumps(index, sort_keys=True).encode(), MT_INDEX)
-        self._manifests = [
-            m for m in self._manifests
-            if m.get("annotations", {}).get(  # type: ignore[union-attr]
-                "org.opencontainers.image.ref.name") != ref
-        ]
+        self._manifests = [m for m in self._manifests if _ref_name(m) != ref]
         self._manifests.append(Descriptor(
             MT_INDEX, desc.digest, desc.size, {"org.opencontainers.image.ref.name": ref}
         ).to_json())

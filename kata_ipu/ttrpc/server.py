@@ -1,0 +1,427 @@
+"""asyncio ttrpc server: registered services, concurrent handlers, graceful shutdown.
+
+Lifecycle (guarded by :class:`Runstate`)::
+
+    IDLE ──listen()──▶ SERVING ──shutdown()──▶ STOPPING ──(in-flight calls done)──▶ STOPPED
+                         └────────────close()──────────────────────────────────────▶ STOPPED
+
+Per connection, every Request frame is answered on its own stream id, each in its own task, so
+slow calls never block fast ones. The rules follow containerd/ttrpc (Go) so that containerd,
+its shims and Go clients see identical behaviour:
+
+* unknown service / method  → UNIMPLEMENTED ``service X`` / ``method X``
+* undecodable envelope      → INVALID_ARGUMENT ``unmarshal request error: ...``
+* frame over 4 MiB          → body discarded, RESOURCE_EXHAUSTED on that stream, connection kept
+* even stream id            → INVALID_ARGUMENT ``StreamID must be odd for client initiated streams``
+* stream id not increasing  → INVALID_ARGUMENT ``StreamID cannot be re-used and must increment``
+* ``timeout_nano``          → the handler is cancelled at the deadline; DEADLINE_EXCEEDED
+* handler exception         → code from the one table in :func:`kata_ipu.errors.code_for`
+* other frame types (v1.2 Data) are ignored, as the v1.1 server does.
+
+When a connection drops, its in-flight handlers are cancelled (Go cancels their context).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import enum
+import logging
+import os
+import socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kata_ipu.errors import (
+    AlreadyExists,
+    Code,
+    FailedPrecondition,
+    InvalidArgument,
+    KataIpuError,
+    code_for,
+)
+from kata_ipu.ttrpc.address import Address, TcpAddress, UnixAddress, parse_address
+from kata_ipu.ttrpc.errors import WireError
+from kata_ipu.ttrpc.frame import (
+    MESSAGE_LENGTH_MAX,
+    FrameDecoder,
+    MessageType,
+    OversizeFrame,
+    encode_frame,
+)
+from kata_ipu.ttrpc.metadata import Metadata
+from kata_ipu.ttrpc.wire import Response, Status, decode_request, encode_response
+
+log = logging.getLogger("kata_ipu.ttrpc.server")
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """What a handler knows about its call."""
+
+    service: str
+    method: str
+    stream_id: int
+    metadata: Metadata
+    timeout: float | None  # seconds remaining when the request arrived, None if unbounded
+    peer_uid: int | None  # SO_PEERCRED uid on unix sockets
+
+    @property
+    def full_method(self) -> str:
+        return f"/{self.service}/{self.method}"
+
+
+Handler = Callable[[CallContext, bytes], Awaitable[bytes]]
+
+
+class Runstate(enum.Enum):
+    IDLE = "idle"
+    SERVING = "serving"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, server: Server) -> None:
+        self._server = server
+        self._decoder = FrameDecoder()
+        self._transport: asyncio.Transport | None = None
+        self._last_id = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.peer_uid: int | None = None
+        self.closed = False
+        self._loop = asyncio.get_running_loop()  # protocol factories run inside the loop
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                    struct.calcsize("3i"))
+            _pid, uid, _gid = struct.unpack("3i", creds)
+            self.peer_uid = uid
+            if self._server.require_same_uid and uid != os.getuid():
+                log.warning("ttrpc: refusing connection from uid %d", uid)
+                transport.abort()
+                return
+        elif sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._server._connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        for frame in self._decoder.feed(data):
+            sid = frame.stream_id
+            if isinstance(frame, OversizeFrame):
+                self._reply_status(sid, Code.RESOURCE_EXHAUSTED,
+                                   f"message length {frame.length} exceed maximum message "
+                                   f"size of {MESSAGE_LENGTH_MAX}")
+                continue
+            if frame.type != MessageType.REQUEST:
+                continue  # v1.1 semantics: non-request frames are ignored
+            if sid % 2 == 0:
+                self._reply_status(sid, Code.INVALID_ARGUMENT,
+                                   "StreamID must be odd for client initiated streams")
+                continue
+            if sid <= self._last_id:
+                self._reply_status(sid, Code.INVALID_ARGUMENT,
+                                   "StreamID cannot be re-used and must increment")
+                continue
+            self._last_id = sid
+            if self._server.runstate is not Runstate.SERVING:
+                self._reply_status(sid, Code.UNAVAILABLE, "ttrpc: server shutdown")
+                continue
+            self._dispatch(sid, frame.data)
+
+    def _dispatch(self, sid: int, data: bytes) -> None:
+        """Decode and resolve synchronously, then run the handler (eagerly if allowed)."""
+        try:
+            req = decode_request(data)
+        except WireError as exc:
+            self._reply_status(sid, Code.INVALID_ARGUMENT, f"unmarshal request error: {exc}")
+            return
+        service = self._server._services.get(req.service)
+        if service is None:
+            self._reply_status(sid, Code.UNIMPLEMENTED, f"service {req.service}")
+            return
+        handler = service.methods.get(req.method)
+        if handler is None:
+            self._reply_status(sid, Code.UNIMPLEMENTED, f"method {req.method}")
+            return
+        timeout = req.timeout_nano / 1e9 if req.timeout_nano > 0 else None
+        call = _Call(CallContext(req.service, req.method, sid, Metadata(req.metadata),
+                                 timeout, self.peer_uid))
+        coro = self._run(call, handler, req.payload)
+        if service.eager:
+            # Run the first step inline: most calls finish without suspending, which saves a
+            # task and an event-loop iteration (Python 3.12's eager tasks, by hand). The step
+            # runs in its own context copy, which the task then keeps, so context variables
+            # behave as in a task. Only for services registered eager=True, because inside
+            # that first step there is no current task (asyncio.timeout() would fail).
+            ctx = contextvars.copy_context()
+            try:
+                first = ctx.run(coro.send, None)
+            except StopIteration:
+                return
+            task = self._loop.create_task(_resume(coro, first), context=ctx)
+        else:
+            task = self._loop.create_task(coro)
+        call.task = task
+        self._tasks.add(task)
+        self._server._inflight_add(task)
+        task.add_done_callback(self._tasks.discard)
+        if timeout is not None:
+            call.timer = self._loop.call_later(timeout, call.expire)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._server._connections.discard(self)
+        for task in self._tasks:
+            task.cancel()
+
+    def pause_writing(self) -> None:
+        # Backpressure: stop reading requests while the peer is not reading responses.
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None and not self.closed:
+            self._transport.resume_reading()
+
+    # -- calls
+    def _send(self, sid: int, body: bytes) -> None:
+        if self._transport is None or self.closed or self._transport.is_closing():
+            return
+        if len(body) > MESSAGE_LENGTH_MAX:
+            body = encode_response(Response(Status(
+                Code.RESOURCE_EXHAUSTED,
+                f"message length {len(body)} exceed maximum message size of "
+                f"{MESSAGE_LENGTH_MAX}",
+            )))
+        self._transport.write(encode_frame(sid, MessageType.RESPONSE, 0, body))
+
+    def _reply_status(self, sid: int, code: Code, message: str) -> None:
+        self._send(sid, encode_response(Response(Status(int(code), message))))
+
+    async def _run(self, call: _Call, handler: Handler, payload: bytes) -> None:
+        ctx = call.ctx
+        try:
+            reply = await handler(ctx, payload)
+        except asyncio.CancelledError:
+            if call.expired:  # we cancelled it at the deadline (timeout_nano)
+                self._reply_status(ctx.stream_id, Code.DEADLINE_EXCEEDED,
+                                   "context deadline exceeded")
+                return
+            raise  # connection gone or server closing: nobody to answer
+        except KataIpuError as exc:
+            log.debug("ttrpc: %s failed: %s", ctx.full_method, exc)
+            self._reply_status(ctx.stream_id, exc.code, str(exc))
+            return
+        except Exception as exc:
+            code = code_for(exc)
+            if code is Code.UNKNOWN:
+                log.exception("ttrpc: %s raised", ctx.full_method)
+            self._reply_status(ctx.stream_id, code, str(exc) or type(exc).__name__)
+            return
+        finally:
+            if call.timer is not None:
+                call.timer.cancel()
+        self._send(ctx.stream_id, encode_response(Response(None, reply)))
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+
+class _Call:
+    """One in-flight request: its context, its task and its deadline timer."""
+
+    __slots__ = ("ctx", "expired", "task", "timer")
+
+    def __init__(self, ctx: CallContext) -> None:
+        self.ctx = ctx
+        self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.expired = False
+
+    def expire(self) -> None:
+        self.expired = True
+        if self.task is not None:
+            self.task.cancel()
+
+
+@dataclass(frozen=True, slots=True)
+class _Service:
+    methods: dict[str, Handler]
+    eager: bool
+
+
+class _Resumed:
+    """Awaitable that continues a coroutine already stepped once outside any task.
+
+    It re-yields whatever the coroutine yields (the futures asyncio's Task waits on) and
+    forwards results and exceptions (including cancellation) back into it.
+    """
+
+    __slots__ = ("_coro", "_first")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], first: Any) -> None:
+        self._coro = coro
+        self._first = first
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        pending = self._first
+        while True:
+            try:
+                value = yield pending
+            except BaseException as exc:  # delivered by the Task: cancellation and friends
+                try:
+                    pending = self._coro.throw(exc)
+                except StopIteration:
+                    return
+                continue
+            try:
+                pending = self._coro.send(value)
+            except StopIteration:
+                return
+
+
+async def _resume(coro: Coroutine[Any, Any, None], first: Any) -> None:
+    await _Resumed(coro, first)
+
+
+class Server:
+    """A ttrpc server. Register services, then :meth:`listen` on one or more addresses."""
+
+    def __init__(self, *, require_same_uid: bool = False) -> None:
+        self.runstate = Runstate.IDLE
+        self.require_same_uid = require_same_uid
+        self._services: dict[str, _Service] = {}
+        self._listeners: list[asyncio.Server] = []
+        self._unix_paths: list[str] = []
+        self._connections: set[_Connection] = set()
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    def register(self, service: str, methods: Mapping[str, Handler], *,
+                 eager: bool = False) -> None:
+        """Register a fully qualified service (``pkg.Service``) and its method handlers.
+
+        ``eager=True`` runs each handler inline until its first suspension (saving a task and
+        a loop iteration per call); its handlers must not need ``asyncio.current_task()``
+        (e.g. ``asyncio.timeout()``) before their first ``await``.
+        """
+        if service in self._services:
+            raise AlreadyExists(f"ttrpc: service {service} already registered")
+        self._services[service] = _Service(dict(methods), eager)
+
+    @property
+    def addresses(self) -> list[Address]:
+        out: list[Address] = []
+        for srv in self._listeners:
+            for sock in srv.sockets:
+                name = sock.getsockname()
+                if sock.family == socket.AF_UNIX:
+                    out.append(UnixAddress(name if isinstance(name, str) else name.decode()))
+                else:
+                    out.append(TcpAddress(name[0], name[1]))
+        return out
+
+    async def listen(self, address: str | Address, *, mode: int = 0o600) -> Address:
+        """Start serving on an address; returns the bound address (TCP port 0 resolved).
+
+        A unix socket is created with ``mode`` before it accepts connections; a stale socket
+        file nobody listens on is replaced, a live one is refused.
+        """
+        if self.runstate in (Runstate.STOPPING, Runstate.STOPPED):
+            raise FailedPrecondition(f"ttrpc: server is {self.runstate.value}")
+        addr = parse_address(address) if isinstance(address, str) else address
+        loop = asyncio.get_running_loop()
+        if isinstance(addr, UnixAddress):
+            sock = _bind_unix(addr.path, mode)
+            srv = await loop.create_unix_server(lambda: _Connection(self), sock=sock)
+            self._unix_paths.append(addr.path)
+            bound: Address = addr
+        else:
+            srv = await loop.create_server(lambda: _Connection(self), addr.host, addr.port,
+                                           reuse_address=True)
+            name = srv.sockets[0].getsockname()
+            bound = TcpAddress(name[0], name[1])
+        self._listeners.append(srv)
+        self.runstate = Runstate.SERVING
+        log.info("ttrpc: listening", extra={"address": str(bound)})
+        return bound
+
+    def _inflight_add(self, task: asyncio.Task[None]) -> None:
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Stop accepting, let in-flight calls finish (up to ``timeout``), then close."""
+        if self.runstate is Runstate.STOPPED:
+            return
+        self.runstate = Runstate.STOPPING
+        self._stop_listening()
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=timeout)
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop at once: cancel in-flight calls and drop every connection. Idempotent."""
+        self._stop_listening()
+        for conn in list(self._connections):
+            conn.abort()
+        for task in list(self._inflight):
+            task.cancel()
+        if self._inflight:
+            await asyncio.wait(set(self._inflight))
+        for srv in self._listeners:
+            with contextlib.suppress(Exception):
+                await srv.wait_closed()
+        self._listeners.clear()
+        self.runstate = Runstate.STOPPED
+
+    def _stop_listening(self) -> None:
+        for srv in self._listeners:
+            srv.close()
+        for path in self._unix_paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._unix_paths.clear()
+
+
+def _bind_unix(path: str, mode: int) -> socket.socket:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise InvalidArgument(f"ttrpc: {path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # stale: its server is gone
+        else:
+            raise AlreadyExists(f"ttrpc: {path} is in use by another server")
+        finally:
+            probe.close()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        # Nobody can connect before listen(), so the mode is in place before the first peer.
+        os.chmod(path, mode)
+        sock.listen(1024)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise
+    return sock

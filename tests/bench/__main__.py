@@ -1,0 +1,25 @@
+"""Run every benchmark in tests/bench (``tox -e bench``): ``python -m tests.bench [names]``."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+from pathlib import Path
+
+
+def main() -> int:
+    wanted = set(sys.argv[1:])
+    here = Path(__file__).parent
+    status = 0
+    for info in sorted(pkgutil.iter_modules([str(here)]), key=lambda m: m.name):
+        if not info.name.startswith("bench_") or (wanted and info.name not in wanted):
+            continue
+        print(f"\n=== {info.name} ===", flush=True)
+        module = importlib.import_module(f"tests.bench.{info.name}")
+        status |= module.main([])
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
