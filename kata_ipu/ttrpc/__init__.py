@@ -20,18 +20,22 @@ from kata_ipu.ttrpc.errors import ConnectionClosed, OversizedMessage, ProtocolEr
 from kata_ipu.ttrpc.metadata import NAMESPACE_KEY, Metadata
 from kata_ipu.ttrpc.server import CallContext, Handler, Server
 from kata_ipu.ttrpc.service import unary
+from kata_ipu.ttrpc.streams import ClientStream, ServerStream, StreamMethod
 
 __all__ = [
     "NAMESPACE_KEY",
     "Address",
     "CallContext",
     "Client",
+    "ClientStream",
     "ConnectionClosed",
     "Handler",
     "Metadata",
     "OversizedMessage",
     "ProtocolError",
     "Server",
+    "ServerStream",
+    "StreamMethod",
     "TcpAddress",
     "UnixAddress",
     "WireError",

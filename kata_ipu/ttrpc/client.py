@@ -32,6 +32,7 @@ from kata_ipu.ttrpc.address import Address, TcpAddress, UnixAddress, parse_addre
 from kata_ipu.ttrpc.errors import ConnectionClosed, OversizedMessage, ProtocolError
 from kata_ipu.ttrpc.frame import (
     MESSAGE_LENGTH_MAX,
+    Flags,
     Frame,
     FrameDecoder,
     MessageType,
@@ -39,6 +40,7 @@ from kata_ipu.ttrpc.frame import (
     encode_frame,
 )
 from kata_ipu.ttrpc.metadata import Metadata
+from kata_ipu.ttrpc.streams import ClientStream
 from kata_ipu.ttrpc.wire import Request, decode_response, encode_request
 
 log = logging.getLogger("kata_ipu.ttrpc.client")
@@ -104,6 +106,7 @@ class Client:
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._pending: dict[int, asyncio.Future[Frame | OversizeFrame]] = {}
+        self._streams: dict[int, ClientStream] = {}
         self._next_id = 1
         self._writable = asyncio.Event()
         self._writable.set()
@@ -229,8 +232,83 @@ class Client:
                                timeout=timeout, metadata=metadata)
         return response_type.FromString(data)
 
+    async def stream(
+        self,
+        service: str,
+        method: str,
+        request: bytes | None = None,
+        *,
+        client_streaming: bool = False,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> ClientStream:
+        """Open a ttrpc v1.2 stream (see :mod:`kata_ipu.ttrpc.streams`).
+
+        ``request`` is the first message (the whole request of a server-streaming method);
+        with ``client_streaming`` the stream stays open for :meth:`ClientStream.send` until
+        :meth:`ClientStream.close_send`. ``timeout`` bounds the whole stream.
+        """
+        if self.runstate is not Runstate.RUNNING or self._transport is None:
+            raise self._close_reason or ConnectionClosed()
+        sid = self._next_id
+        if sid > _MAX_STREAM_ID:
+            raise ResourceExhausted("ttrpc: stream ids exhausted on this connection")
+        self._next_id = sid + 2
+        flags = Flags.REMOTE_OPEN if client_streaming else Flags.REMOTE_CLOSED
+        if request is None:
+            flags |= Flags.NO_DATA
+        body = encode_request(Request(
+            service, method, request or b"",
+            max(1, int(timeout * 1e9)) if timeout is not None else 0,
+            metadata.pairs if metadata is not None else (),
+        ))
+        if len(body) > MESSAGE_LENGTH_MAX:
+            raise OversizedMessage(len(body), MESSAGE_LENGTH_MAX)
+
+        async def send(data_flags: int, data: bytes) -> None:
+            if self.runstate is not Runstate.RUNNING or self._transport is None:
+                raise self._close_reason or ConnectionClosed()
+            if len(data) > MESSAGE_LENGTH_MAX:
+                raise OversizedMessage(len(data), MESSAGE_LENGTH_MAX)
+            if not self._writable.is_set():
+                await self._writable.wait()
+            self._transport.write(encode_frame(sid, MessageType.DATA, data_flags, data))
+
+        stream = ClientStream(sid, send, self._release_stream, client_streaming)
+        self._streams[sid] = stream
+        if timeout is not None:
+            timer = self._loop.call_later(
+                timeout, stream._fail, DeadlineExceeded("context deadline exceeded"))
+            stream._timer = timer
+        if not self._writable.is_set():
+            await self._writable.wait()
+        self._transport.write(encode_frame(sid, MessageType.REQUEST, flags, body))
+        return stream
+
+    def _release_stream(self, sid: int) -> None:
+        stream = self._streams.pop(sid, None)
+        if stream is not None and stream._timer is not None:
+            stream._timer.cancel()
+
     # ------------------------------------------------------------------ protocol callbacks
     def _on_frame(self, frame: Frame | OversizeFrame) -> None:
+        stream = self._streams.get(frame.stream_id)
+        if stream is not None:
+            if isinstance(frame, OversizeFrame):
+                stream._fail(OversizedMessage(frame.length, MESSAGE_LENGTH_MAX))
+            elif frame.type == MessageType.DATA:
+                stream._data(frame.flags, frame.data)
+            elif frame.type == MessageType.RESPONSE:
+                try:
+                    resp = decode_response(frame.data)
+                except ProtocolError as exc:
+                    stream._fail(exc)
+                    return
+                if resp.status is not None and resp.status.code != 0:
+                    stream._fail(error_for_code(resp.status.code, resp.status.message))
+                else:
+                    stream._response(resp.payload)
+            return
         fut = self._pending.get(frame.stream_id)
         if fut is None or fut.done():
             log.debug("ttrpc: frame for unknown stream %d dropped", frame.stream_id)
@@ -243,6 +321,8 @@ class Client:
             if not fut.done():
                 fut.set_exception(type(error)(error.message))
         self._pending.clear()
+        for stream in list(self._streams.values()):
+            stream._fail(type(error)(error.message))
         if self._transport is not None:
             self._transport.close()
 
@@ -258,6 +338,8 @@ class Client:
                 per_call.__cause__ = exc
                 fut.set_exception(per_call)
         self._pending.clear()
+        for stream in list(self._streams.values()):
+            stream._fail(ConnectionClosed(self._close_reason.message))
         self.runstate = Runstate.CLOSED
         self._writable.set()
         self._closed.set()

@@ -24,9 +24,11 @@ When a connection drops, its in-flight handlers are cancelled (Go cancels their 
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import contextlib
 import contextvars
 import enum
+import functools
 import logging
 import os
 import socket
@@ -45,15 +47,17 @@ from kata_ipu.errors import (
     code_for,
 )
 from kata_ipu.ttrpc.address import Address, TcpAddress, UnixAddress, parse_address
-from kata_ipu.ttrpc.errors import WireError
+from kata_ipu.ttrpc.errors import ConnectionClosed, OversizedMessage, WireError
 from kata_ipu.ttrpc.frame import (
     MESSAGE_LENGTH_MAX,
+    Flags,
     FrameDecoder,
     MessageType,
     OversizeFrame,
     encode_frame,
 )
 from kata_ipu.ttrpc.metadata import Metadata
+from kata_ipu.ttrpc.streams import ServerStream, StreamMethod
 from kata_ipu.ttrpc.wire import Response, Status, decode_request, encode_response
 
 log = logging.getLogger("kata_ipu.ttrpc.server")
@@ -91,10 +95,14 @@ class _Connection(asyncio.Protocol):
         self._decoder = FrameDecoder()
         self._transport: asyncio.Transport | None = None
         self._last_id = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.peer_uid: int | None = None
         self.closed = False
         self._loop = asyncio.get_running_loop()  # protocol factories run inside the loop
+        self._streams: dict[int, ServerStream] = {}
+        self._calls: dict[int, _Call] = {}
+        self._writable = asyncio.Event()
+        self._writable.set()
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -122,8 +130,11 @@ class _Connection(asyncio.Protocol):
                                    f"message length {frame.length} exceed maximum message "
                                    f"size of {MESSAGE_LENGTH_MAX}")
                 continue
+            if frame.type == MessageType.DATA:
+                self._on_data(sid, frame.flags, frame.data)
+                continue
             if frame.type != MessageType.REQUEST:
-                continue  # v1.1 semantics: non-request frames are ignored
+                continue  # unknown frame types are ignored, as the Go server does
             if sid % 2 == 0:
                 self._reply_status(sid, Code.INVALID_ARGUMENT,
                                    "StreamID must be odd for client initiated streams")
@@ -136,9 +147,26 @@ class _Connection(asyncio.Protocol):
             if self._server.runstate is not Runstate.SERVING:
                 self._reply_status(sid, Code.UNAVAILABLE, "ttrpc: server shutdown")
                 continue
-            self._dispatch(sid, frame.data)
+            self._dispatch(sid, frame.flags, frame.data)
 
-    def _dispatch(self, sid: int, data: bytes) -> None:
+    def _forget_call(self, sid: int, _task: object) -> None:
+        self._calls.pop(sid, None)
+
+    def _on_data(self, sid: int, flags: int, data: bytes) -> None:
+        stream = self._streams.get(sid)
+        if stream is None:
+            self._reply_status(sid, Code.INVALID_ARGUMENT, "StreamID is no longer active")
+            return
+        try:
+            stream._feed(flags, data)
+        except KataIpuError as exc:
+            self._streams.pop(sid, None)
+            call = self._calls.get(sid)
+            if call is not None and call.task is not None:
+                call.task.cancel()
+            self._reply_status(sid, exc.code, str(exc))
+
+    def _dispatch(self, sid: int, flags: int, data: bytes) -> None:
         """Decode and resolve synchronously, then run the handler (eagerly if allowed)."""
         try:
             req = decode_request(data)
@@ -156,7 +184,18 @@ class _Connection(asyncio.Protocol):
         timeout = req.timeout_nano / 1e9 if req.timeout_nano > 0 else None
         call = _Call(CallContext(req.service, req.method, sid, Metadata(req.metadata),
                                  timeout, self.peer_uid))
-        coro = self._run(call, handler, req.payload)
+        coro: Coroutine[Any, Any, Any]
+        if isinstance(handler, StreamMethod):
+            # A v1.1 (unary) request to a stream method carries one message and closes.
+            unary_req = not flags & (Flags.REMOTE_OPEN | Flags.REMOTE_CLOSED)
+            initial = None if flags & Flags.NO_DATA or (
+                flags & Flags.REMOTE_OPEN and not req.payload) else req.payload
+            stream = ServerStream(functools.partial(self._send_data, sid), sid, initial,
+                                  remote_closed=unary_req or not flags & Flags.REMOTE_OPEN)
+            self._streams[sid] = stream
+            coro = self._run_stream(call, handler, stream)
+        else:
+            coro = self._run(call, handler, req.payload)
         if service.eager:
             # Run the first step inline: most calls finish without suspending, which saves a
             # task and an event-loop iteration (Python 3.12's eager tasks, by hand). The step
@@ -168,10 +207,12 @@ class _Connection(asyncio.Protocol):
                 first = ctx.run(coro.send, None)
             except StopIteration:
                 return
-            task = self._loop.create_task(_resume(coro, first), context=ctx)
+            task = self._loop.create_task(_Resumed(coro, first), context=ctx)
         else:
             task = self._loop.create_task(coro)
         call.task = task
+        self._calls[sid] = call
+        task.add_done_callback(functools.partial(self._forget_call, sid))
         self._tasks.add(task)
         self._server._inflight_add(task)
         task.add_done_callback(self._tasks.discard)
@@ -180,16 +221,19 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._writable.set()
         self._server._connections.discard(self)
         for task in self._tasks:
             task.cancel()
 
     def pause_writing(self) -> None:
         # Backpressure: stop reading requests while the peer is not reading responses.
+        self._writable.clear()
         if self._transport is not None:
             self._transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self._writable.set()
         if self._transport is not None and not self.closed:
             self._transport.resume_reading()
 
@@ -208,30 +252,65 @@ class _Connection(asyncio.Protocol):
     def _reply_status(self, sid: int, code: Code, message: str) -> None:
         self._send(sid, encode_response(Response(Status(int(code), message))))
 
-    async def _run(self, call: _Call, handler: Handler, payload: bytes) -> None:
+    async def _send_data(self, sid: int, flags: int, data: bytes) -> None:
+        if self.closed or self._transport is None:
+            raise ConnectionClosed()
+        if len(data) > MESSAGE_LENGTH_MAX:
+            raise OversizedMessage(len(data), MESSAGE_LENGTH_MAX)
+        if not self._writable.is_set():
+            await self._writable.wait()
+        self._transport.write(encode_frame(sid, MessageType.DATA, flags, data))
+
+    async def _run_stream(self, call: _Call, method: StreamMethod,
+                          stream: ServerStream) -> None:
+        sid = call.ctx.stream_id
+
+        async def handler(ctx: CallContext, _payload: bytes) -> bytes:
+            result = await method.handler(ctx, stream)
+            return result or b""
+
+        try:
+            if method.server_streaming:
+                ok = await self._run(call, handler, b"", reply=False)
+                if ok:
+                    self._transport_write(sid, MessageType.DATA,
+                                          Flags.REMOTE_CLOSED | Flags.NO_DATA, b"")
+            else:
+                await self._run(call, handler, b"")
+        finally:
+            self._streams.pop(sid, None)
+
+    def _transport_write(self, sid: int, mtype: int, flags: int, data: bytes) -> None:
+        if self._transport is not None and not self.closed and not self._transport.is_closing():
+            self._transport.write(encode_frame(sid, mtype, flags, data))
+
+    async def _run(self, call: _Call, handler: Handler, payload: bytes, *,
+                   reply: bool = True) -> bool:
         ctx = call.ctx
         try:
-            reply = await handler(ctx, payload)
+            result = await handler(ctx, payload)
         except asyncio.CancelledError:
             if call.expired:  # we cancelled it at the deadline (timeout_nano)
                 self._reply_status(ctx.stream_id, Code.DEADLINE_EXCEEDED,
                                    "context deadline exceeded")
-                return
+                return False
             raise  # connection gone or server closing: nobody to answer
         except KataIpuError as exc:
             log.debug("ttrpc: %s failed: %s", ctx.full_method, exc)
             self._reply_status(ctx.stream_id, exc.code, str(exc))
-            return
+            return False
         except Exception as exc:
             code = code_for(exc)
             if code is Code.UNKNOWN:
                 log.exception("ttrpc: %s raised", ctx.full_method)
             self._reply_status(ctx.stream_id, code, str(exc) or type(exc).__name__)
-            return
+            return False
         finally:
             if call.timer is not None:
                 call.timer.cancel()
-        self._send(ctx.stream_id, encode_response(Response(None, reply)))
+        if reply:
+            self._send(ctx.stream_id, encode_response(Response(None, result)))
+        return True
 
     def abort(self) -> None:
         if self._transport is not None:
@@ -245,7 +324,7 @@ class _Call:
 
     def __init__(self, ctx: CallContext) -> None:
         self.ctx = ctx
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[Any] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.expired = False
 
@@ -257,42 +336,43 @@ class _Call:
 
 @dataclass(frozen=True, slots=True)
 class _Service:
-    methods: dict[str, Handler]
+    methods: dict[str, Handler | StreamMethod]
     eager: bool
 
 
-class _Resumed:
-    """Awaitable that continues a coroutine already stepped once outside any task.
+class _Resumed(collections.abc.Coroutine[Any, Any, Any]):
+    """Hands a coroutine that already ran its first step (eagerly) over to a Task.
 
-    It re-yields whatever the coroutine yields (the futures asyncio's Task waits on) and
-    forwards results and exceptions (including cancellation) back into it.
+    The Task's first ``send(None)`` returns the future that step was waiting on, so the Task
+    waits on it; every later ``send``/``throw``/``close`` goes straight to the coroutine. A
+    cancellation that arrives before the Task ever ran is thrown into the coroutine at its
+    await, exactly as if it had been a task from the start.
     """
 
-    __slots__ = ("_coro", "_first")
+    __slots__ = ("_coro", "_first", "_started")
 
-    def __init__(self, coro: Coroutine[Any, Any, None], first: Any) -> None:
+    def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
         self._coro = coro
         self._first = first
+        self._started = False
 
-    def __await__(self) -> Generator[Any, Any, None]:
-        pending = self._first
-        while True:
-            try:
-                value = yield pending
-            except BaseException as exc:  # delivered by the Task: cancellation and friends
-                try:
-                    pending = self._coro.throw(exc)
-                except StopIteration:
-                    return
-                continue
-            try:
-                pending = self._coro.send(value)
-            except StopIteration:
-                return
+    def send(self, value: Any) -> Any:
+        if not self._started:
+            self._started = True
+            return self._first
+        return self._coro.send(value)
 
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        self._started = True
+        if val is None and tb is None:
+            return self._coro.throw(typ)
+        return self._coro.throw(typ, val, tb)  # pragma: no cover - legacy signature
 
-async def _resume(coro: Coroutine[Any, Any, None], first: Any) -> None:
-    await _Resumed(coro, first)
+    def close(self) -> None:
+        self._coro.close()
+
+    def __await__(self) -> Generator[Any, Any, Any]:  # pragma: no cover - Task drives it
+        raise TypeError("_Resumed is driven by a Task, not awaited")
 
 
 class Server:
@@ -305,9 +385,9 @@ class Server:
         self._listeners: list[asyncio.Server] = []
         self._unix_paths: list[str] = []
         self._connections: set[_Connection] = set()
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._inflight: set[asyncio.Task[Any]] = set()
 
-    def register(self, service: str, methods: Mapping[str, Handler], *,
+    def register(self, service: str, methods: Mapping[str, Handler | StreamMethod], *,
                  eager: bool = False) -> None:
         """Register a fully qualified service (``pkg.Service``) and its method handlers.
 
@@ -356,7 +436,7 @@ class Server:
         log.info("ttrpc: listening", extra={"address": str(bound)})
         return bound
 
-    def _inflight_add(self, task: asyncio.Task[None]) -> None:
+    def _inflight_add(self, task: asyncio.Task[Any]) -> None:
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
 

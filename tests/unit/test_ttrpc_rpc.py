@@ -311,8 +311,10 @@ async def test_raw_even_and_reused_stream_ids(served: tuple[Server, Impl, str]) 
         out.append(raw.recv())
         raw.send(9, b"\x0a\x05ab")  # truncated envelope
         out.append(raw.recv())
-        raw.send(11, _echo_req(b"ignored"), mtype=3)  # a Data frame: ignored by v1.1 rules
-        raw.send(13, _echo_req(b"last"))
+        raw.send(11, b"data", mtype=3)  # a Data frame for a stream that does not exist
+        out.append(raw.recv())
+        raw.send(13, b"", mtype=9)  # an unknown frame type: ignored
+        raw.send(15, _echo_req(b"last"))
         out.append(raw.recv())
         return out
 
@@ -326,7 +328,8 @@ async def test_raw_even_and_reused_stream_ids(served: tuple[Server, Impl, str]) 
     assert replies[3][0] == 9
     assert replies[3][1].status is not None and replies[3][1].status.code == 3
     assert replies[3][1].status.message.startswith("unmarshal request error:")
-    assert replies[4] == (13, Response(None, b"last"))
+    assert replies[4] == (11, Response(Status(3, "StreamID is no longer active")))
+    assert replies[5] == (15, Response(None, b"last"))
 
 
 async def test_client_stream_ids_are_odd_and_increasing(tmp_path: Path) -> None:
