@@ -1,0 +1,144 @@
+"""kata-ipud's configuration loader, durable state store and systemd notification."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from kata_ipu import errors
+from kata_ipu.daemon import config, notify
+from kata_ipu.daemon.state import (
+    BaseRecord,
+    BaseState,
+    ImageRecord,
+    StateStore,
+    VolumeRecord,
+    VolumeState,
+)
+from kata_ipu.ttrpc import TcpAddress, UnixAddress
+
+
+def test_defaults_without_a_file(tmp_path: Path) -> None:
+    cfg = config.load(tmp_path / "missing.toml")
+    assert cfg.root == Path("/var/lib/kata-ipu")
+    assert cfg.addresses == (UnixAddress("/run/kata-ipu/ipud.sock"),)
+    assert cfg.socket_mode == 0o660 and cfg.block.backend == "file"
+
+
+def test_file_then_flags(tmp_path: Path) -> None:
+    path = tmp_path / "ipud.toml"
+    path.write_text('root = "/srv/ipu"\nsocket_mode = "0600"\n'
+                    'addresses = ["unix:///tmp/a.sock", "tcp://127.0.0.1:7070"]\n'
+                    '[tcp]\ntoken_file = "/etc/kata-ipu/token"\n'
+                    '[rootfs]\nmin_size = "16M"\nmax_size = "2G"\nheadroom = 1\n'
+                    '[block]\nbackend = "qsd"\npool_size = "8GiB"\n')
+    cfg = config.load(path)
+    assert cfg.root == Path("/srv/ipu") and cfg.socket_mode == 0o600
+    assert cfg.addresses[1] == TcpAddress("127.0.0.1", 7070)
+    assert (cfg.rootfs.min_size, cfg.rootfs.max_size, cfg.rootfs.headroom) == (
+        16 << 20, 2 << 30, 1.0)
+    assert (cfg.block.backend, cfg.block.pool_size) == ("qsd", 8 << 30)
+    over = config.load(path, root=str(tmp_path), addresses=["unix:///tmp/b.sock"])
+    assert over.root == tmp_path and over.addresses == (UnixAddress("/tmp/b.sock"),)
+    assert over.state_db == tmp_path / "state.db"
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    ("rot = '/x'", "unknown key(s): rot"),
+    ("[block]\nbakend = 'file'", "unknown key(s) in [block]: bakend"),
+    ("[block]\nbackend = 'lvm'", "'lvm' is not file or qsd"),
+    ("[rootfs]\nmin_size = 'lots'", "[rootfs] min_size: 'lots' is not a size"),
+    ("[tcp]\ninsecure = 'yes'", "[tcp] insecure must be true or false"),
+    ("addresses = ['tcp://0.0.0.0:7070']", "without authentication"),
+    ("addresses = ['ftp://x']", "unknown scheme"),
+    ("[metrics]\naddress = '0.0.0.0:9464'", "must be on loopback"),
+    ("socket_mode = 'rw'", "not octal"),
+    ("= broken", "not valid TOML"),
+])
+def test_bad_config_names_the_problem(tmp_path: Path, text: str, fragment: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(errors.InvalidArgument) as info:
+        config.load(path)
+    assert fragment in str(info.value)
+    assert str(info.value).startswith(str(path))
+
+
+def test_insecure_tcp_must_be_explicit(tmp_path: Path) -> None:
+    path = tmp_path / "ok.toml"
+    path.write_text("addresses = ['tcp://127.0.0.1:7070']\n[tcp]\ninsecure = true\n")
+    assert config.load(path).tcp.insecure
+
+
+async def test_state_roundtrip_and_persistence(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    store = await StateStore.open(db)
+    img = ImageRecord("sha256:aa", "sha256:cc", "linux/amd64", 1234, time.time())
+    await store.put_image(img, "docker.io/library/busybox:latest")
+    await store.put_image(img, "127.0.0.1:5000/busybox:1")
+    await store.put_base(BaseRecord("b1", "sha256:aa", "ext4", BaseState.BUILDING))
+    await store.put_base(BaseRecord("b1", "sha256:aa", "ext4", BaseState.READY, 1 << 20,
+                                    time.time(), 0.5))
+    vol = VolumeRecord("c1", "v-c1", "b1", "busybox", "sha256:aa", VolumeState.READY,
+                       "HOST_BLOCK", {"path": "/dev/loop3", "major": 7},
+                       {"io.kubernetes.cri.sandbox-id": "s"}, time.time())
+    await store.put_volume(vol)
+    await store.add_lease("image:sha256:aa", "sha256:layer1")
+    await store.close()
+
+    store = await StateStore.open(db)  # reopened: everything survived
+    got = await store.get_image("docker.io/library/busybox:latest")
+    assert got is not None and got.digest == "sha256:aa"
+    assert got.names == ("127.0.0.1:5000/busybox:1", "docker.io/library/busybox:latest")
+    assert (await store.get_image("sha256:aa")) == got
+    base = await store.get_base("b1")
+    assert base is not None and base.state is BaseState.READY and base.size_bytes == 1 << 20
+    assert await store.get_volume("c1") == vol
+    assert [v.container_id for v in await store.list_volumes("b1")] == ["c1"]
+    assert await store.leased_targets() == {"sha256:layer1"}
+    await store.delete_volume("c1")
+    await store.remove_lease("image:sha256:aa")
+    await store.delete_image("sha256:aa")
+    assert await store.get_image("docker.io/library/busybox:latest") is None
+    assert await store.get_volume("c1") is None and await store.leased_targets() == set()
+    await store.close()
+    mode = sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+async def test_state_serializes_concurrent_writers(tmp_path: Path) -> None:
+    store = await StateStore.open(tmp_path / "state.db")
+    await asyncio.gather(*(
+        store.put_volume(VolumeRecord(f"c{i}", f"v{i}", "b", "img", "d", VolumeState.READY,
+                                      "HOST_BLOCK", created_at=float(i)))
+        for i in range(200)))
+    assert len(await store.list_volumes()) == 200
+    await store.close()
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    sqlite3.connect(db).execute("PRAGMA user_version=99")
+    with pytest.raises(errors.Internal, match="newer than this daemon"):
+        await StateStore.open(db)
+
+
+def test_sd_notify_sends_ready(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(5)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    assert notify.ready("recovered 3 volumes")
+    msg = sock.recv(4096).decode().split("\n")
+    assert msg[0] == "READY=1" and f"MAINPID={os.getpid()}" in msg
+    assert "STATUS=recovered 3 volumes" in msg
+    sock.close()
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert not notify.ready()
