@@ -6,6 +6,8 @@
 
 IMAGE_SERVICE = "kataipu.v1.ImageService"
 ROOTFS_SERVICE = "kataipu.v1.RootfsService"
+SYSTEM_SERVICE = "kataipu.v1.SystemService"
 
 IMAGE_METHODS = ("Pull", "List", "Remove", "Status")
 ROOTFS_METHODS = ("Prepare", "Release", "List", "Stat")
+SYSTEM_METHODS = ("Check", "Gc", "Info")

@@ -316,3 +316,59 @@ class StatRootfsResponse(_message.Message):
     rootfs: Rootfs
     usage: RootfsUsage
     def __init__(self, rootfs: _Optional[_Union[Rootfs, _Mapping]] = ..., usage: _Optional[_Union[RootfsUsage, _Mapping]] = ...) -> None: ...
+
+class CheckRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CheckResult(_message.Message):
+    __slots__ = ("name", "ok", "detail")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    ok: bool
+    detail: str
+    def __init__(self, name: _Optional[str] = ..., ok: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class CheckResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[CheckResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[CheckResult, _Mapping]]] = ...) -> None: ...
+
+class GcRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GcResponse(_message.Message):
+    __slots__ = ("bases_removed", "bytes_reclaimed")
+    BASES_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECLAIMED_FIELD_NUMBER: _ClassVar[int]
+    bases_removed: int
+    bytes_reclaimed: int
+    def __init__(self, bases_removed: _Optional[int] = ..., bytes_reclaimed: _Optional[int] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class InfoResponse(_message.Message):
+    __slots__ = ("version", "backend", "root", "pool_capacity_bytes", "pool_used_bytes", "images", "volumes", "platform")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    ROOT_FIELD_NUMBER: _ClassVar[int]
+    POOL_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    POOL_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    VOLUMES_FIELD_NUMBER: _ClassVar[int]
+    PLATFORM_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    backend: str
+    root: str
+    pool_capacity_bytes: int
+    pool_used_bytes: int
+    images: int
+    volumes: int
+    platform: Platform
+    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., root: _Optional[str] = ..., pool_capacity_bytes: _Optional[int] = ..., pool_used_bytes: _Optional[int] = ..., images: _Optional[int] = ..., volumes: _Optional[int] = ..., platform: _Optional[_Union[Platform, _Mapping]] = ...) -> None: ...

@@ -29,6 +29,8 @@ def test_services_and_methods_match_the_constants() -> None:
     assert services["RootfsService"].full_name == api.ROOTFS_SERVICE
     assert tuple(m.name for m in services["ImageService"].methods) == api.IMAGE_METHODS
     assert tuple(m.name for m in services["RootfsService"].methods) == api.ROOTFS_METHODS
+    assert services["SystemService"].full_name == api.SYSTEM_SERVICE
+    assert tuple(m.name for m in services["SystemService"].methods) == api.SYSTEM_METHODS
 
 
 def test_export_kinds_and_device_descriptor() -> None:

@@ -1,0 +1,473 @@
+"""The IPU's control path: pull → build the base once → clone → export, and back.
+
+:class:`Engine` wires the content store and puller (``kata_ipu.image``/``content``), the
+rootfs builder (``kata_ipu.rootfs``) and the block target (``kata_ipu.block``) together, and
+records intent in the state database before every change so that a crash at any point is
+repaired by :meth:`Engine.recover` on the next start.
+
+Lifecycle of one container's rootfs::
+
+    prepare(id, image) ─▶ image known?  no ─▶ pull (single-flight per reference)
+                          base READY?   no ─▶ build + import_base (single-flight per base id)
+                          volume row CREATING ─▶ clone + export ─▶ volume row READY ─▶ device
+    release(id)        ─▶ volume row RELEASING ─▶ unexport (hot-remove) ─▶ destroy ─▶ row gone
+
+Every call is idempotent by its key: ``prepare`` of a prepared id returns the same device (or
+refuses if the id was prepared from another image), ``release`` of an unknown id succeeds.
+Calls on one container id are serialized; different ids run concurrently. Blocking work
+(building, cloning, ioctl-based exports) runs in worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import re
+import shutil
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from kata_ipu.block import ExportKind
+from kata_ipu.block.interface import BlockTarget
+from kata_ipu.block.pool import create_pool
+from kata_ipu.content.gc import collect
+from kata_ipu.content.store import ContentStore
+from kata_ipu.daemon.config import Config
+from kata_ipu.daemon.metrics import Metrics
+from kata_ipu.daemon.state import (
+    BaseRecord,
+    BaseState,
+    ImageRecord,
+    StateStore,
+    VolumeRecord,
+    VolumeState,
+)
+from kata_ipu.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    KataIpuError,
+    NotFound,
+)
+from kata_ipu.image.platform import Platform, host_platform, parse_platform
+from kata_ipu.image.pull import Puller, PullProgress
+from kata_ipu.image.reference import Reference, parse_reference
+from kata_ipu.log import bind
+from kata_ipu.rootfs.builder import BuildConfig, RootfsBuilder
+from kata_ipu.rootfs.oci import OciLayoutSource
+from kata_ipu.rootfs.writers import SizePolicy
+
+log = logging.getLogger("kata_ipu.daemon")
+
+T = TypeVar("T")
+
+CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_container_id(container_id: str) -> str:
+    if not container_id:
+        raise InvalidArgument("container_id is empty")
+    if not CONTAINER_ID.match(container_id):
+        raise InvalidArgument(
+            f"container_id {container_id!r} is invalid: use 1-128 characters of "
+            "[A-Za-z0-9_.-], starting with a letter or digit")
+    return container_id
+
+
+def base_id_for(digest: str, fstype: str) -> str:
+    """One base per (manifest digest, filesystem): ``<hex[:32]>-<fstype>``."""
+    return f"{digest.partition(':')[2][:32]}-{fstype}"
+
+
+@dataclass(frozen=True)
+class PullStatus:
+    """One pull or build in flight, for ImageService.Status."""
+
+    image: str
+    digest: str
+    phase: str
+    progress: PullProgress | None
+    started_at: float
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    volume: VolumeRecord
+    cold: bool
+
+
+class Engine:
+    """The daemon's core. Create with :meth:`open`, stop with :meth:`close`."""
+
+    def __init__(self, config: Config, state: StateStore, store: ContentStore, puller: Puller,
+                 target: BlockTarget, metrics: Metrics) -> None:
+        self.config = config
+        self.state = state
+        self.store = store
+        self.puller = puller
+        self.target = target
+        self.metrics = metrics
+        self.platform: Platform = (parse_platform(config.image.platform)
+                                   if config.image.platform else host_platform())
+        self._flights: dict[tuple[str, ...], asyncio.Future[Any]] = {}
+        self._locks: dict[str, list[Any]] = {}  # id -> [lock, holders + waiters]
+        self._status: dict[str, PullStatus] = {}
+        self.build_dir = config.root / "build"
+
+    @classmethod
+    async def open(cls, config: Config, metrics: Metrics) -> Engine:
+        config.root.mkdir(parents=True, exist_ok=True)
+        state = await StateStore.open(config.state_db)
+        try:
+            store = await asyncio.to_thread(ContentStore.open, config.content_dir)
+            puller = Puller(store, hosts_dir=config.image.hosts_dir,
+                            insecure_registries=config.image.insecure_registries)
+            target = await asyncio.to_thread(
+                create_pool, config.root / "block", backend=config.block.backend,
+                size=config.block.pool_size)
+        except BaseException:
+            await state.close()
+            raise
+        return cls(config, state, store, puller, target, metrics)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.target.close)
+        await asyncio.to_thread(self.store.close)
+        await self.state.close()
+
+    # ------------------------------------------------------------------ helpers
+    async def _once(self, key: tuple[str, ...], factory: Callable[[], Awaitable[T]]) -> T:
+        """Single flight: concurrent callers with one key share one execution."""
+        fut = self._flights.get(key)
+        if fut is None:
+            fut = asyncio.ensure_future(factory())
+            self._flights[key] = fut
+            fut.add_done_callback(lambda _f: self._flights.pop(key, None))
+        return await asyncio.shield(fut)
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, container_id: str) -> AsyncIterator[None]:
+        """Serialize calls on one container id; the lock lives while someone holds or waits."""
+        entry = self._locks.get(container_id)
+        if entry is None:
+            entry = self._locks[container_id] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                self._locks.pop(container_id, None)
+
+    def _reference(self, image: str) -> Reference:
+        if not image:
+            raise InvalidArgument("image reference is empty")
+        return parse_reference(image)
+
+    def _fstype(self, fstype: str | None) -> str:
+        fs = fstype or self.config.rootfs.fstype
+        if fs not in ("ext4", "erofs"):
+            raise InvalidArgument(f"filesystem {fs!r} is not supported (ext4 or erofs)")
+        return fs
+
+    # ------------------------------------------------------------------ images
+    async def pull(self, image: str, *, platform: str = "", fstype: str | None = None,
+                   build: bool = True) -> ImageRecord:
+        """Resolve and fetch ``image``, then (unless ``build`` is False) build its base."""
+        ref = self._reference(image)
+        plat = parse_platform(platform) if platform else self.platform
+        record = await self._once(("pull", str(ref), str(plat)),
+                                  lambda: self._pull(ref, plat))
+        if build:
+            await self._ensure_base(record.digest, self._fstype(fstype), str(ref))
+        return record
+
+    async def _pull(self, ref: Reference, plat: Platform) -> ImageRecord:
+        progress = PullProgress(str(ref))
+        key = f"pull:{ref}"
+        self._status[key] = PullStatus(str(ref), "", "downloading", progress, time.time())
+        try:
+            with bind(image=str(ref)):
+                pulled = await self.puller.pull(ref, platform=plat, progress=progress,
+                                                name=str(ref))
+        finally:
+            self._status.pop(key, None)
+        self.metrics.pull_bytes.inc(pulled.bytes_fetched)
+        size = pulled.manifest.config.size + sum(layer.size for layer in pulled.manifest.layers)
+        record = ImageRecord(pulled.descriptor.digest, pulled.manifest.config.digest, str(plat),
+                             size, time.time())
+        await self.state.put_image(record, str(ref))
+        log.info("image pulled", extra={"image": str(ref), "digest": record.digest,
+                                        "bytes_fetched": pulled.bytes_fetched})
+        got = await self.state.get_image(record.digest)
+        assert got is not None
+        return got
+
+    async def _ensure_base(self, digest: str, fstype: str, name: str) -> BaseRecord:
+        base_id = base_id_for(digest, fstype)
+        rec = await self.state.get_base(base_id)
+        if rec is not None and rec.state is BaseState.READY:
+            return rec
+        return await self._once(("build", base_id),
+                                lambda: self._build(digest, fstype, base_id, name))
+
+    async def _build(self, digest: str, fstype: str, base_id: str, name: str) -> BaseRecord:
+        key = f"build:{base_id}"
+        self._status[key] = PullStatus(name, digest, "building", None, time.time())
+        await self.state.put_base(BaseRecord(base_id, digest, fstype, BaseState.BUILDING))
+        self.build_dir.mkdir(parents=True, exist_ok=True)
+        out = self.build_dir / f"{base_id}.img"
+        rc = self.config.rootfs
+        builder = RootfsBuilder(
+            OciLayoutSource(self.config.content_dir),
+            BuildConfig(fs_type="erofs" if fstype == "erofs" else "ext4",
+                        size=SizePolicy(headroom_ratio=rc.headroom, min_size=rc.min_size,
+                                        max_size=rc.max_size)))
+        start = time.monotonic()
+        try:
+            with bind(image=name, digest=digest):
+                result = await builder.abuild(digest, out)
+                base = await asyncio.to_thread(self.target.import_base, result.image, base_id)
+        except BaseException:
+            self.metrics.builds.labels("error").inc()
+            await self.state.delete_base(base_id)
+            raise
+        finally:
+            self._status.pop(key, None)
+            for leftover in self.build_dir.glob(f"{base_id}.img*"):
+                leftover.unlink(missing_ok=True)
+        seconds = time.monotonic() - start
+        rec = BaseRecord(base_id, digest, fstype, BaseState.READY, base.size, time.time(),
+                         seconds)
+        await self.state.put_base(rec)
+        self.metrics.builds.labels("ok").inc()
+        log.info("base built", extra={"digest": digest, "base": base_id,
+                                      "seconds": round(seconds, 3)})
+        return rec
+
+    async def find_image(self, image: str) -> ImageRecord:
+        if image.startswith("sha256:"):
+            rec = await self.state.get_image(image)
+        else:
+            rec = await self.state.get_image(str(self._reference(image)))
+        if rec is None:
+            raise NotFound(f"image {image!r} not found")
+        return rec
+
+    async def list_images(self, prefix: str = "") -> list[tuple[ImageRecord, list[BaseRecord],
+                                                                int]]:
+        out = []
+        volumes = await self.state.list_volumes()
+        for img in await self.state.list_images():
+            if prefix and not any(n.startswith(prefix) for n in img.names):
+                continue
+            bases = [b for b in await self.state.list_bases(img.digest)
+                     if b.state is BaseState.READY]
+            clones = sum(1 for v in volumes if v.digest == img.digest)
+            out.append((img, bases, clones))
+        return out
+
+    async def remove_image(self, image: str, *, force: bool = False) -> None:
+        img = await self.find_image(image)
+        volumes = [v for v in await self.state.list_volumes() if v.digest == img.digest]
+        if volumes and not force:
+            raise FailedPrecondition(
+                f"image {image!r} has {len(volumes)} live clone(s) "
+                f"({', '.join(v.container_id for v in volumes[:5])}); release them or force")
+        for base in await self.state.list_bases(img.digest):
+            if not any(v.base_id == base.id for v in volumes):
+                await asyncio.to_thread(self._destroy_base_quiet, base.id)
+                await self.state.delete_base(base.id)
+        for name in img.names:
+            with contextlib.suppress(KataIpuError):
+                await asyncio.to_thread(self.store.untag, name)
+        await self.state.delete_image(img.digest)
+        log.info("image removed", extra={"image": image, "digest": img.digest})
+
+    def _destroy_base_quiet(self, base_id: str) -> None:
+        try:
+            self.target.destroy_base(base_id)
+        except NotFound:
+            pass
+
+    def status(self, image: str = "") -> list[PullStatus]:
+        return [s for s in self._status.values() if not image or s.image.startswith(image)]
+
+    # ------------------------------------------------------------------ rootfs
+    async def prepare(self, container_id: str, image: str, *, export: ExportKind,
+                      fstype: str | None = None, platform: str = "",
+                      annotations: dict[str, str] | None = None) -> Prepared:
+        check_container_id(container_id)
+        ref = self._reference(image)
+        fs = self._fstype(fstype)
+        with bind(container_id=container_id, image=str(ref)):
+            async with self._locked(container_id):
+                existing = await self.state.get_volume(container_id)
+                if existing is not None:
+                    return await self._existing(existing, ref, export)
+                cold = False
+                img = await self.state.get_image(str(ref))
+                if img is None:
+                    cold = True
+                    img = await self.pull(str(ref), platform=platform, build=False)
+                base = await self.state.get_base(base_id_for(img.digest, fs))
+                if base is None or base.state is not BaseState.READY:
+                    cold = True
+                    base = await self._ensure_base(img.digest, fs, str(ref))
+                vol = VolumeRecord(container_id, container_id, base.id, str(ref), img.digest,
+                                   VolumeState.CREATING, export.name, {},
+                                   dict(annotations or {}), time.time())
+                await self.state.put_volume(vol)
+                try:
+                    device = await asyncio.to_thread(self._clone_export, base.id,
+                                                     container_id, export)
+                except BaseException:
+                    await asyncio.to_thread(self._destroy_quiet, container_id)
+                    await self.state.delete_volume(container_id)
+                    raise
+                vol = dataclasses.replace(vol, state=VolumeState.READY, device=device)
+                await self.state.put_volume(vol)
+                self.metrics.volumes.inc()
+                log.info("rootfs prepared", extra={"digest": img.digest, "cold": cold,
+                                                   "device": device.get("path")})
+                return Prepared(vol, cold)
+
+    async def _existing(self, vol: VolumeRecord, ref: Reference,
+                        export: ExportKind) -> Prepared:
+        if vol.image != str(ref):
+            img = await self.state.get_image(str(ref))
+            if img is None or img.digest != vol.digest:
+                raise AlreadyExists(f"container {vol.container_id!r} is already prepared "
+                                    f"with image {vol.image!r}")
+        if vol.state is not VolumeState.READY:
+            raise FailedPrecondition(f"container {vol.container_id!r} is {vol.state.value}")
+        if vol.export_kind != export.name:
+            raise AlreadyExists(f"container {vol.container_id!r} is already exported as "
+                                f"{vol.export_kind}, not {export.name}")
+        return Prepared(vol, False)
+
+    def _clone_export(self, base_id: str, volume_id: str, kind: ExportKind) -> dict[str, Any]:
+        self.target.clone(base_id, volume_id)
+        device = self.target.export(volume_id, kind)
+        return device.to_json()
+
+    def _destroy_quiet(self, volume_id: str) -> None:
+        try:
+            self.target.destroy(volume_id, missing_ok=True)
+        except KataIpuError:
+            log.exception("cleanup of volume %s failed", volume_id)
+
+    async def release(self, container_id: str) -> bool:
+        """Unexport then destroy; True if something was released. Idempotent."""
+        check_container_id(container_id)
+        with bind(container_id=container_id):
+            async with self._locked(container_id):
+                vol = await self.state.get_volume(container_id)
+                if vol is None:
+                    # Nothing recorded; still make sure no orphan is left in the pool.
+                    await asyncio.to_thread(self.target.destroy, container_id, missing_ok=True)
+                    return False
+                await self.state.put_volume(dataclasses.replace(vol,
+                                                                state=VolumeState.RELEASING))
+                await asyncio.to_thread(self._release_blocking, vol.volume_id)
+                await self.state.delete_volume(container_id)
+                self.metrics.volumes.dec()
+                log.info("rootfs released")
+                return True
+
+    def _release_blocking(self, volume_id: str) -> None:
+        with contextlib.suppress(NotFound):
+            self.target.unexport(volume_id)  # the seed's destroy flow: hot-remove first
+        self.target.destroy(volume_id, missing_ok=True)
+
+    async def get_volume(self, container_id: str) -> VolumeRecord:
+        check_container_id(container_id)
+        vol = await self.state.get_volume(container_id)
+        if vol is None:
+            raise NotFound(f"container {container_id!r} has no prepared rootfs")
+        return vol
+
+    def volume_usage(self, volume_id: str) -> tuple[int, int]:
+        """(filesystem size, allocated bytes) of a clone."""
+        vol = self.target.get_volume(volume_id)
+        st = vol.path.stat()
+        return vol.size, st.st_blocks * 512
+
+    # ------------------------------------------------------------------ gc and recovery
+    async def gc(self) -> tuple[int, int]:
+        """Remove bases without image or clones, then unreferenced blobs; (bases, bytes)."""
+        removed = 0
+        images = {i.digest for i in await self.state.list_images()}
+        volumes = await self.state.list_volumes()
+        for base in await self.state.list_bases():
+            if base.digest in images or any(v.base_id == base.id for v in volumes):
+                continue
+            await asyncio.to_thread(self._destroy_base_quiet, base.id)
+            await self.state.delete_base(base.id)
+            removed += 1
+        result = await asyncio.to_thread(collect, self.store)
+        return removed, result.reclaimed_bytes
+
+    async def recover(self) -> list[str]:
+        """Reconcile the state database with the pool; returns the fixes made (also logged)."""
+        fixes: list[str] = []
+
+        def fix(msg: str, **extra: object) -> None:
+            fixes.append(msg)
+            log.warning("recovery: %s", msg, extra=extra)
+
+        if self.build_dir.exists():
+            for leftover in self.build_dir.iterdir():
+                fix(f"removed partial build {leftover.name}")
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+        listing = await asyncio.to_thread(self.target.list)
+        pool_bases = {b.id for b in listing.bases}
+        pool_volumes = {v.id: v for v in listing.volumes}
+        for base in await self.state.list_bases():
+            if base.state is not BaseState.READY:
+                fix(f"dropped unfinished base {base.id}", base=base.id)
+                await asyncio.to_thread(self._destroy_base_quiet, base.id)
+                await self.state.delete_base(base.id)
+            elif base.id not in pool_bases:
+                fix(f"forgot base {base.id}: missing from the pool", base=base.id)
+                await self.state.delete_base(base.id)
+        known_volumes = set()
+        for vol in await self.state.list_volumes():
+            known_volumes.add(vol.volume_id)
+            if vol.state is not VolumeState.READY:
+                fix(f"rolled back {vol.state.value} volume {vol.container_id}",
+                    container_id=vol.container_id)
+                await asyncio.to_thread(self._release_blocking, vol.volume_id)
+                await self.state.delete_volume(vol.container_id)
+                continue
+            pooled = pool_volumes.get(vol.volume_id)
+            if pooled is None:
+                fix(f"forgot volume {vol.container_id}: missing from the pool",
+                    container_id=vol.container_id)
+                await self.state.delete_volume(vol.container_id)
+                continue
+            if pooled.device is None:
+                kind = ExportKind[vol.export_kind]
+                device = await asyncio.to_thread(self.target.export, vol.volume_id, kind)
+                fix(f"re-exported volume {vol.container_id} as {device.path}",
+                    container_id=vol.container_id)
+                await self.state.put_volume(dataclasses.replace(vol, device=device.to_json()))
+        for orphan in set(pool_volumes) - known_volumes:
+            fix(f"destroyed orphan volume {orphan}")
+            await asyncio.to_thread(self._release_blocking, orphan)
+        db_bases = {b.id for b in await self.state.list_bases()}
+        for orphan in pool_bases - db_bases:
+            if not any(v.base_id == orphan for v in listing.volumes):
+                fix(f"destroyed orphan base {orphan}")
+                await asyncio.to_thread(self._destroy_base_quiet, orphan)
+        self.metrics.volumes.set(len(await self.state.list_volumes()))
+        return fixes

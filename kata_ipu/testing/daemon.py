@@ -1,0 +1,102 @@
+"""Run a real ``kata-ipud`` process for tests, in a private directory.
+
+The daemon is started as its console script with a config file under ``workdir``; readiness
+is awaited the way systemd does it (a ``$NOTIFY_SOCKET`` datagram with ``READY=1``).
+:meth:`IpuDaemon.teardown` stops it and destroys the block pool, so no mount, loop device or
+qemu-storage-daemon is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from kata_ipu.block.pool import open_pool
+from kata_ipu.testing.registry import free_port
+
+
+class IpuDaemon:
+    def __init__(self, workdir: Path, *, backend: str = "file", pool_size: str = "4G",
+                 insecure_registries: tuple[str, ...] = (), metrics: bool = True,
+                 extra_config: str = "") -> None:
+        self.workdir = workdir
+        self.root = workdir / "root"
+        self.socket = workdir / "ipud.sock"
+        self.address = f"unix://{self.socket}"
+        self.metrics_port = free_port() if metrics else None
+        self.config = workdir / "ipud.toml"
+        insecure = ", ".join(f'"{r}"' for r in insecure_registries)
+        self.config.write_text(
+            f'root = "{self.root}"\naddresses = ["{self.address}"]\nsocket_mode = "0600"\n'
+            f'[block]\nbackend = "{backend}"\npool_size = "{pool_size}"\n'
+            f'[image]\ninsecure_registries = [{insecure}]\nhosts_dir = "{workdir}/certs.d"\n'
+            + (f'[metrics]\naddress = "127.0.0.1:{self.metrics_port}"\n' if metrics else "")
+            + extra_config)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = workdir / "ipud.log"
+
+    def start(self, timeout: float = 60) -> IpuDaemon:
+        notify_path = str(self.workdir / "notify.sock")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(notify_path)
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(notify_path)
+        notify.settimeout(0.2)
+        env = dict(os.environ, NOTIFY_SOCKET=notify_path)
+        exe = Path(sys.executable).with_name("kata-ipud")
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([str(exe), "--config", str(self.config)],
+                                         stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    if b"READY=1" in notify.recv(4096):
+                        return self
+                except TimeoutError:
+                    pass
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"kata-ipud exited with {self.proc.returncode}: "
+                                       f"{self.log.read_text()[-2000:]}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"kata-ipud not ready after {timeout}s")
+        finally:
+            notify.close()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc is None:
+            return 0
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self.proc = None
+        return rc
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def metrics_text(self) -> str:
+        assert self.metrics_port is not None
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                    timeout=10) as resp:
+            text: str = resp.read().decode()
+            return text
+
+    def teardown(self) -> None:
+        """Stop the daemon and remove every kernel object and file its pool holds."""
+        self.stop()
+        block = self.root / "block"
+        if (block / "pool.json").exists():
+            target = open_pool(block)
+            target.destroy_pool(force=True)

@@ -1,0 +1,213 @@
+"""kata-ipud end to end over its real socket: a real registry, real pool, real loop devices.
+
+The daemon runs as its console script; clients are this project's ttrpc client and the
+``kata-ipu`` CLI. The kernel's view (/proc/mounts, /sys/block/loop*) is the oracle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kata_ipu import api, errors
+from kata_ipu.api import kataipu_pb2 as pb
+from kata_ipu.testing.daemon import IpuDaemon
+from kata_ipu.testing.ocibuild import LayerBuilder, OciLayout, busybox_tree
+from kata_ipu.testing.prereq import require_programs, require_root
+from kata_ipu.testing.registry import RegistryServer, push
+from kata_ipu.ttrpc import Client
+
+CLI = str(Path(sys.executable).with_name("kata-ipu"))
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+    require_root()
+    require_programs("docker-registry", "skopeo", "mkfs.ext4", "mkfs.xfs")
+    work = tmp_path_factory.mktemp("registry")
+    with RegistryServer(work) as reg:
+        layout = OciLayout(work / "oci")
+        base = LayerBuilder().tree(busybox_tree(work / "tree")).build()
+        top = LayerBuilder().file("etc/motd", b"kata-ipu e2e\n").build()
+        layout.add_image([base, top], ref="v1")
+        layout.add_image([base, LayerBuilder().file("etc/motd", b"other\n").build()], ref="v2")
+        push(work / "oci", "v1", f"{reg.address}/e2e/busybox:v1")
+        push(work / "oci", "v2", f"{reg.address}/e2e/busybox:v2")
+        yield reg
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, registry: RegistryServer) -> Iterator[IpuDaemon]:
+    d = IpuDaemon(tmp_path, pool_size="2G")
+    d.start()
+    try:
+        yield d
+    finally:
+        d.teardown()
+        assert not _our_loops(tmp_path), "loop devices leaked"
+        assert str(tmp_path) not in Path("/proc/mounts").read_text(), "mounts leaked"
+
+
+def _our_loops(under: Path) -> list[str]:
+    out = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        if backing.read_text().strip().startswith(str(under)):
+            out.append(backing.parent.parent.name)
+    return out
+
+
+def _cli(d: IpuDaemon, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CLI, "--address", d.address, *args], capture_output=True, text=True,
+                          check=check, timeout=300)
+
+
+async def _call(d: IpuDaemon, service: str, method: str, req: object, resp: type) -> object:
+    async with await Client.connect(d.address) as c:
+        return await c.call_message(service, method, req, resp, timeout=300)  # type: ignore
+
+
+def _mount_write_read(device: str, mnt: Path, name: str, data: str) -> set[str]:
+    mnt.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "ext4", device, str(mnt)], check=True)
+    try:
+        assert f"{device} {mnt} ext4" in Path("/proc/mounts").read_text()
+        assert (mnt / "etc/motd").read_text() == "kata-ipu e2e\n"
+        (mnt / "root" / name).write_text(data)
+        return {p.name for p in (mnt / "root").iterdir()}
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_pull_prepare_three_isolated_clones_release_gc(daemon: IpuDaemon,
+                                                      registry: RegistryServer,
+                                                      tmp_path: Path) -> None:
+    ref = f"{registry.address}/e2e/busybox:v1"
+    pulled = _cli(daemon, "pull", ref)
+    assert "sha256:" in pulled.stdout and "ext4 base" in pulled.stdout
+    images = json.loads(_cli(daemon, "images", "--json").stdout)
+    assert [i["name"] for i in images] == [ref]
+    assert len(images[0]["bases"]) == 1
+
+    devices = {}
+    for cid in ("c1", "c2", "c3"):
+        dev = json.loads(_cli(daemon, "prepare", "--id", cid, ref, "--json").stdout)
+        assert dev["path"].startswith("/dev/loop") and dev["fstype"] == "ext4"
+        assert dev["cold"] is False  # the image was pulled and built above
+        st = os.stat(dev["path"])
+        assert (os.major(st.st_rdev), os.minor(st.st_rdev)) == (dev["major"], dev["minor"])
+        backing = Path(f"/sys/block/{Path(dev['path']).name}/loop/backing_file").read_text()
+        assert backing.strip().startswith(str(tmp_path))
+        assert Path(f"/sys/block/{Path(dev['path']).name}/size").read_text().strip() == str(
+            dev["size"] // 512)
+        devices[cid] = dev["path"]
+    assert len(set(devices.values())) == 3
+
+    for cid, path in devices.items():
+        seen = _mount_write_read(path, tmp_path / f"mnt-{cid}", cid, f"data of {cid}")
+        assert seen == {cid}, f"{cid} sees other clones' files: {seen}"
+
+    # idempotent: a repeat returns the same device; another image for the id is refused
+    again = json.loads(_cli(daemon, "prepare", "--id", "c1", ref, "--json").stdout)
+    assert again["path"] == devices["c1"]
+    other = _cli(daemon, "prepare", "--id", "c1", f"{registry.address}/e2e/busybox:v2",
+                 check=False)
+    assert other.returncode == 1 and "already prepared" in other.stderr
+
+    listed = json.loads(_cli(daemon, "ls", "--json").stdout)
+    assert sorted(r["container_id"] for r in listed) == ["c1", "c2", "c3"]
+    refused = _cli(daemon, "rmi", ref, check=False)
+    assert refused.returncode == 1 and "live clone" in refused.stderr
+
+    for cid in devices:
+        assert _cli(daemon, "release", cid).returncode == 0
+        assert _cli(daemon, "release", cid).returncode == 0  # idempotent
+    assert not _our_loops(tmp_path / "root" / "block" / "data")  # only the pool itself
+    assert json.loads(_cli(daemon, "ls", "--json").stdout) == []
+    _cli(daemon, "rmi", ref)
+    gc = json.loads(_cli(daemon, "gc", "--json").stdout)
+    assert int(gc["bytes_reclaimed"]) > 0
+    assert json.loads(_cli(daemon, "images", "--json").stdout) == []
+
+
+def test_cold_prepare_and_bad_input(daemon: IpuDaemon, registry: RegistryServer) -> None:
+    ref = f"{registry.address}/e2e/busybox:v2"
+    resp = asyncio.run(_call(daemon, api.ROOTFS_SERVICE, "Prepare",
+                             pb.PrepareRequest(container_id="cold1", image=ref),
+                             pb.PrepareResponse))
+    assert isinstance(resp, pb.PrepareResponse) and resp.cold
+    assert resp.rootfs.device.path.startswith("/dev/loop")
+
+    cases = [
+        (pb.PrepareRequest(container_id="", image=ref), errors.InvalidArgument, "empty"),
+        (pb.PrepareRequest(container_id="a/b", image=ref), errors.InvalidArgument, "invalid"),
+        (pb.PrepareRequest(container_id="x1", image="UPPER/Bad::ref"), errors.InvalidArgument,
+         None),
+        (pb.PrepareRequest(container_id="x2", image=f"{registry.address}/e2e/nope:v1"),
+         errors.NotFound, None),
+        (pb.PrepareRequest(container_id="x3", image=ref, export=pb.VFIO_PCI),
+         errors.FailedPrecondition, "IPU"),
+    ]
+    for req, cls, fragment in cases:
+        with pytest.raises(cls, match=fragment):
+            asyncio.run(_call(daemon, api.ROOTFS_SERVICE, "Prepare", req, pb.PrepareResponse))
+    # nothing was left behind by the failures, and the daemon still serves
+    listed = json.loads(_cli(daemon, "ls", "--json").stdout)
+    assert [r["container_id"] for r in listed] == ["cold1"]
+    check = _cli(daemon, "check")
+    assert "ok   loop-control" in check.stdout and "ok   reflink-pool" in check.stdout
+
+
+def test_fifty_concurrent_prepares_one_pull_one_build(daemon: IpuDaemon,
+                                                      registry: RegistryServer) -> None:
+    ref = f"{registry.address}/e2e/busybox:v1"
+
+    async def run() -> list[pb.PrepareResponse]:
+        async with await Client.connect(daemon.address) as c:
+            return await asyncio.gather(*(
+                c.call_message(api.ROOTFS_SERVICE, "Prepare",
+                               pb.PrepareRequest(container_id=f"load-{i}", image=ref),
+                               pb.PrepareResponse, timeout=300)
+                for i in range(50)))
+
+    results = asyncio.run(run())
+    assert len({r.rootfs.device.path for r in results}) == 50
+    metrics = daemon.metrics_text()
+    builds = re.search(r'^kata_ipu_base_builds_total\{result="ok"\} (\S+)$', metrics, re.M)
+    assert builds is not None and float(builds.group(1)) == 1.0
+    volumes = re.search(r"^kata_ipu_volumes (\S+)$", metrics, re.M)
+    assert volumes is not None and float(volumes.group(1)) == 50.0
+    # every call waited for the one pull and build, so every call was cold
+    cold = re.search(r'^kata_ipu_prepare_seconds_count\{path="cold",result="ok"\} (\S+)$',
+                     metrics, re.M)
+    assert cold is not None and float(cold.group(1)) == 50.0
+    pulled = re.search(r"^kata_ipu_pull_bytes_total (\S+)$", metrics, re.M)
+    images = json.loads(_cli(daemon, "images", "--json").stdout)
+    assert pulled is not None and float(pulled.group(1)) == float(images[0]["size_bytes"])
+
+
+def test_kill_9_then_restart_recovers(daemon: IpuDaemon, registry: RegistryServer,
+                                      tmp_path: Path) -> None:
+    ref = f"{registry.address}/e2e/busybox:v1"
+    kept = json.loads(_cli(daemon, "prepare", "--id", "keep", ref, "--json").stdout)
+    daemon.kill()
+    # a half-done build left by the crash must be cleaned up by recovery
+    (daemon.root / "build").mkdir(exist_ok=True)
+    (daemon.root / "build" / "deadbeef-ext4.img").write_bytes(b"\0" * 4096)
+    daemon.start()
+    log = daemon.log.read_text()
+    assert "removed partial build deadbeef-ext4.img" in log
+    listed = json.loads(_cli(daemon, "ls", "--json").stdout)
+    assert [r["container_id"] for r in listed] == ["keep"]
+    assert listed[0]["path"] == kept["path"] and os.path.exists(kept["path"])
+    again = json.loads(_cli(daemon, "prepare", "--id", "keep", ref, "--json").stdout)
+    assert again["path"] == kept["path"]
+    assert _cli(daemon, "release", "keep").returncode == 0
+    assert not _our_loops(tmp_path / "root" / "block" / "data")  # only the pool itself
