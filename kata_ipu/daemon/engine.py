@@ -24,8 +24,10 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import re
 import shutil
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -76,6 +78,18 @@ def check_container_id(container_id: str) -> str:
             f"container_id {container_id!r} is invalid: use 1-128 characters of "
             "[A-Za-z0-9_.-], starting with a letter or digit")
     return container_id
+
+
+CRASH_ENV = "KATA_IPU_CRASH_AT"
+
+
+def crash_point(stage: str) -> None:
+    """Fault injection for the crash tests: ``KATA_IPU_CRASH_AT=<stage>`` makes the daemon
+    SIGKILL itself at that point (``build``, ``clone``, ``export``), leaving exactly the
+    half-done state a power cut would. Costs one environment lookup otherwise."""
+    if os.environ.get(CRASH_ENV) == stage:
+        log.warning("crash point %s: killing myself", stage)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def base_id_for(digest: str, fstype: str) -> str:
@@ -233,6 +247,7 @@ class Engine:
         try:
             with bind(image=name, digest=digest):
                 result = await builder.abuild(digest, out)
+                crash_point("build")
                 base = await asyncio.to_thread(self.target.import_base, result.image, base_id)
         except BaseException:
             self.metrics.builds.labels("error").inc()
@@ -354,7 +369,9 @@ class Engine:
 
     def _clone_export(self, base_id: str, volume_id: str, kind: ExportKind) -> dict[str, Any]:
         self.target.clone(base_id, volume_id)
+        crash_point("clone")
         device = self.target.export(volume_id, kind)
+        crash_point("export")
         return device.to_json()
 
     def _destroy_quiet(self, volume_id: str) -> None:

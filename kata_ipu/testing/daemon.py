@@ -25,7 +25,8 @@ from kata_ipu.testing.registry import free_port
 class IpuDaemon:
     def __init__(self, workdir: Path, *, backend: str = "file", pool_size: str = "4G",
                  insecure_registries: tuple[str, ...] = (), metrics: bool = True,
-                 extra_config: str = "") -> None:
+                 tcp: str | None = None, token_file: Path | None = None,
+                 unix: bool = True, extra_config: str = "") -> None:
         self.workdir = workdir
         self.root = workdir / "root"
         self.socket = workdir / "ipud.sock"
@@ -33,27 +34,33 @@ class IpuDaemon:
         self.metrics_port = free_port() if metrics else None
         self.config = workdir / "ipud.toml"
         insecure = ", ".join(f'"{r}"' for r in insecure_registries)
+        addresses = ([self.address] if unix else []) + ([f"tcp://{tcp}"] if tcp else [])
+        if tcp and not unix:
+            self.address = f"tcp://{tcp}"
+        listen = ", ".join(f'"{a}"' for a in addresses)
         self.config.write_text(
-            f'root = "{self.root}"\naddresses = ["{self.address}"]\nsocket_mode = "0600"\n'
+            f'root = "{self.root}"\naddresses = [{listen}]\nsocket_mode = "0600"\n'
             f'[block]\nbackend = "{backend}"\npool_size = "{pool_size}"\n'
             f'[image]\ninsecure_registries = [{insecure}]\nhosts_dir = "{workdir}/certs.d"\n'
             + (f'[metrics]\naddress = "127.0.0.1:{self.metrics_port}"\n' if metrics else "")
+            + (f'[tcp]\ntoken_file = "{token_file}"\n' if token_file else "")
             + extra_config)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "ipud.log"
 
-    def start(self, timeout: float = 60) -> IpuDaemon:
+    def start(self, timeout: float = 60, *, env: dict[str, str] | None = None,
+              wrapper: tuple[str, ...] = ()) -> IpuDaemon:
         notify_path = str(self.workdir / "notify.sock")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(notify_path)
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(notify_path)
         notify.settimeout(0.2)
-        env = dict(os.environ, NOTIFY_SOCKET=notify_path)
+        full_env = dict(os.environ, NOTIFY_SOCKET=notify_path, **(env or {}))
         exe = Path(sys.executable).with_name("kata-ipud")
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([str(exe), "--config", str(self.config)],
-                                         stdout=log, stderr=subprocess.STDOUT, env=env)
+            self.proc = subprocess.Popen([*wrapper, str(exe), "--config", str(self.config)],
+                                         stdout=log, stderr=subprocess.STDOUT, env=full_env)
         deadline = time.monotonic() + timeout
         try:
             while True:
@@ -69,6 +76,13 @@ class IpuDaemon:
                     raise TimeoutError(f"kata-ipud not ready after {timeout}s")
         finally:
             notify.close()
+
+    def wait_exit(self, timeout: float = 120) -> int:
+        """Wait for a daemon that is expected to die on its own (crash points)."""
+        assert self.proc is not None
+        rc = self.proc.wait(timeout)
+        self.proc = None
+        return rc
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc is None:
