@@ -1,0 +1,8 @@
+"""Content store in OCI image-layout form (``blobs/``, ``index.json``, ``oci-layout``).
+
+Modules: :mod:`.store` (ContentStore: typed accessors, tags, single-flight fetch, usage),
+:mod:`.ingest` (verify-while-streaming writers, resumable), :mod:`.status` (progress objects),
+:mod:`.leases` (GC holds), :mod:`.gc` (mark-and-sweep with a high-water mark),
+:mod:`.importer` (OCI layout directories and docker-archive tarballs), :mod:`.digest`,
+:mod:`.errors`.
+"""

@@ -78,8 +78,9 @@ def test_ipu_in_its_own_network_namespace_over_tcp(netns: str, tmp_path: Path) -
         token.chmod(0o600)
         port = free_port()
         (tmp_path / "ipu").mkdir()
-        ipu = IpuDaemon(tmp_path / "ipu", pool_size="2G", tcp=f"{IPU_IP}:{port}", token_file=token, unix=False,
-                        insecure_registries=(f"{HOST_IP}:{registry.port}",), metrics=False)
+        ipu = IpuDaemon(tmp_path / "ipu", pool_size="2G", tcp=f"{IPU_IP}:{port}",
+                        token_file=token, unix=False, metrics=False,
+                        insecure_registries=(f"{HOST_IP}:{registry.port}",))
         try:
             ipu.start(wrapper=("nsenter", f"--net=/run/netns/{netns}"))
             base = [CLI, "--address", f"tcp://{IPU_IP}:{port}"]
@@ -100,7 +101,7 @@ def test_ipu_in_its_own_network_namespace_over_tcp(netns: str, tmp_path: Path) -
             ipu.teardown()
 
 
-class _registry_on:  # noqa: N801 - used as a context manager
+class _registry_on:
     """Start a RegistryServer bound to ``host`` instead of 127.0.0.1."""
 
     def __init__(self, registry: RegistryServer, host: str) -> None:
@@ -120,7 +121,7 @@ class _registry_on:  # noqa: N801 - used as a context manager
         reg.storage.mkdir(parents=True, exist_ok=True)
         cfg_file = reg.workdir / "config.yml"
         cfg_file.write_text(json.dumps(config()))
-        log = open(reg.workdir / "registry.log", "wb")  # noqa: SIM115
+        log = open(reg.workdir / "registry.log", "wb")
         reg._log = log
         reg._proc = subprocess.Popen(["docker-registry", "serve", str(cfg_file)], stdout=log,
                                      stderr=subprocess.STDOUT)
