@@ -10,8 +10,11 @@ import asyncio
 import json
 import os
 import re
+import socket
+import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -211,3 +214,36 @@ def test_kill_9_then_restart_recovers(daemon: IpuDaemon, registry: RegistryServe
     assert again["path"] == kept["path"]
     assert _cli(daemon, "release", "keep").returncode == 0
     assert not _our_loops(tmp_path / "root" / "block" / "data")  # only the pool itself
+
+
+def test_garbage_oversize_and_disconnects_leave_the_daemon_serving(
+        daemon: IpuDaemon, registry: RegistryServer) -> None:
+    sock_path = str(daemon.socket)
+    # 1. bytes that are not ttrpc at all, then a hang-up
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sock_path)
+    s.sendall(os.urandom(4096))
+    s.close()
+    # 2. an oversize frame: answered RESOURCE_EXHAUSTED on its stream, connection kept
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sock_path)
+    s.settimeout(10)
+    s.sendall(struct.pack(">IIBB", 5 << 20, 1, 1, 0) + b"\0" * (5 << 20))
+    reply = s.recv(4096)
+    assert reply[4:10] == struct.pack(">IBB", 1, 2, 0) and b"exceed maximum" in reply
+    s.close()
+    # 3. a client that disconnects in the middle of a cold Prepare
+    ref = f"{registry.address}/e2e/busybox:v2"
+    proc = subprocess.Popen([CLI, "--address", daemon.address, "prepare", "--id", "gone", ref],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.3)
+    proc.kill()
+    proc.wait()
+    # the daemon keeps serving; "gone" is either fully prepared or absent, never half-made
+    listed = json.loads(_cli(daemon, "ls", "--json").stdout)
+    assert [r["container_id"] for r in listed] in ([], ["gone"])
+    dev = json.loads(_cli(daemon, "prepare", "--id", "after", ref, "--json").stdout)
+    assert Path(dev["path"]).exists()
+    for cid in ("gone", "after"):
+        _cli(daemon, "release", cid)
+    assert not _our_loops(daemon.root / "block" / "data")
