@@ -58,7 +58,8 @@ def _volume_loops(d: IpuDaemon) -> list[str]:
 def _assert_clean_and_usable(d: IpuDaemon, ref: str) -> None:
     assert json.loads(_cli(d, "ls", "--json").stdout) == []
     assert _volume_loops(d) == []
-    assert not any((d.root / "build").glob("*")) if (d.root / "build").exists() else True
+    build = d.root / "block" / "data" / "build"
+    assert not build.exists() or not any(build.iterdir())
     dev = json.loads(_cli(d, "prepare", "--id", "again", ref, "--json").stdout)
     assert Path(dev["path"]).exists()
     _cli(d, "release", "again")

@@ -202,8 +202,9 @@ def test_kill_9_then_restart_recovers(daemon: IpuDaemon, registry: RegistryServe
     kept = json.loads(_cli(daemon, "prepare", "--id", "keep", ref, "--json").stdout)
     daemon.kill()
     # a half-done build left by the crash must be cleaned up by recovery
-    (daemon.root / "build").mkdir(exist_ok=True)
-    (daemon.root / "build" / "deadbeef-ext4.img").write_bytes(b"\0" * 4096)
+    build = daemon.root / "block" / "data" / "build"
+    build.mkdir(exist_ok=True)
+    (build / "deadbeef-ext4.img").write_bytes(b"\0" * 4096)
     daemon.start()
     log = daemon.log.read_text()
     assert "removed partial build deadbeef-ext4.img" in log
