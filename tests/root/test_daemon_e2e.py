@@ -166,6 +166,11 @@ def test_cold_prepare_and_bad_input(daemon: IpuDaemon, registry: RegistryServer)
     assert [r["container_id"] for r in listed] == ["cold1"]
     check = _cli(daemon, "check")
     assert "ok   loop-control" in check.stdout and "ok   reflink-pool" in check.stdout
+    env = json.loads(_cli(daemon, "env", "--json").stdout)
+    assert env["daemon"]["backend"] == "file" and env["daemon"]["volumes"] == 1
+    assert env["daemon"]["root"] == str(daemon.root)
+    stat = json.loads(_cli(daemon, "stat", "cold1", "--json").stdout)
+    assert 0 < int(stat["allocated_bytes"]) < int(stat["size"])  # sparse, not a full copy
 
 
 def test_fifty_concurrent_prepares_one_pull_one_build(daemon: IpuDaemon,
