@@ -29,7 +29,7 @@ import re
 import shutil
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -268,6 +268,7 @@ class Engine:
         self.metrics.builds.labels("ok").inc()
         log.info("base built", extra={"digest": digest, "base": base_id,
                                       "seconds": round(seconds, 3)})
+        await self.evict_bases(keep={base_id})
         return rec
 
     async def find_image(self, image: str) -> ImageRecord:
@@ -434,6 +435,31 @@ class Engine:
             removed += 1
         result = await asyncio.to_thread(collect, self.store)
         return removed, result.reclaimed_bytes
+
+    async def evict_bases(self, keep: Collection[str] = ()) -> list[str]:
+        """Above the ``[gc] high_water`` pool fill ratio, delete bases no clone uses, least
+        recently built first, until below it. Their images stay: the next prepare rebuilds.
+        """
+        usage = await asyncio.to_thread(self.target.usage)
+        limit = self.config.gc.high_water * usage.capacity
+        if not usage.capacity or usage.used <= limit:
+            return []
+        in_use = {v.base_id for v in await self.state.list_volumes()} | set(keep)
+        candidates = sorted((b for b in await self.state.list_bases()
+                             if b.state is BaseState.READY and b.id not in in_use),
+                            key=lambda b: b.built_at)
+        evicted = []
+        for base in candidates:
+            await asyncio.to_thread(self._destroy_base_quiet, base.id)
+            await self.state.delete_base(base.id)
+            evicted.append(base.id)
+            log.info("base evicted above the high-water mark", extra={
+                "base": base.id, "digest": base.digest, "pool_used": usage.used,
+                "pool_capacity": usage.capacity})
+            usage = await asyncio.to_thread(self.target.usage)
+            if usage.used <= limit:
+                break
+        return evicted
 
     async def recover(self) -> list[str]:
         """Reconcile the state database with the pool; returns the fixes made (also logged)."""

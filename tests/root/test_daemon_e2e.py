@@ -253,3 +253,25 @@ def test_garbage_oversize_and_disconnects_leave_the_daemon_serving(
     for cid in ("gone", "after"):
         _cli(daemon, "release", cid)
     assert not _our_loops(daemon.root / "block" / "data")
+
+
+def test_bases_without_clones_are_evicted_above_the_high_water_mark(
+        registry: RegistryServer, tmp_path: Path) -> None:
+    d = IpuDaemon(tmp_path, pool_size="2G", extra_config="[gc]\nhigh_water = 0.0001\n")
+    d.start()
+    try:
+        v1, v2 = (f"{registry.address}/e2e/busybox:{t}" for t in ("v1", "v2"))
+        _cli(d, "prepare", "--id", "c1", v1)
+        _cli(d, "release", "c1")  # v1's base is now unused
+        _cli(d, "prepare", "--id", "c2", v2)  # building v2 pushes the pool over the mark
+        bases = {i["name"]: len(i.get("bases", [])) for i in
+                 json.loads(_cli(d, "images", "--json").stdout)}
+        assert bases == {v1: 0, v2: 1}
+        assert "base evicted above the high-water mark" in d.log.read_text()
+        again = json.loads(_cli(d, "prepare", "--id", "c3", v1, "--json").stdout)
+        assert again["cold"] is True  # rebuilt from the cached blobs; v2 (in use) stays
+        bases = {i["name"]: len(i.get("bases", [])) for i in
+                 json.loads(_cli(d, "images", "--json").stdout)}
+        assert bases == {v1: 1, v2: 1}
+    finally:
+        d.teardown()
