@@ -1,8 +1,13 @@
-"""Run every benchmark in tests/bench (``tox -e bench``): ``python -m tests.bench [names]``."""
+"""Run every benchmark in tests/bench (``tox -e bench``): ``python -m tests.bench [names]``.
+
+Each ``bench_*.py`` module has ``main(argv)``; it is called with no arguments (its defaults)
+and prints its own side-by-side table.
+"""
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 import sys
 from pathlib import Path
@@ -17,7 +22,15 @@ def main() -> int:
             continue
         print(f"\n=== {info.name} ===", flush=True)
         module = importlib.import_module(f"tests.bench.{info.name}")
-        status |= module.main([])
+        entry = module.main
+        takes_argv = bool(inspect.signature(entry).parameters)
+        saved = sys.argv
+        sys.argv = [info.name]
+        try:
+            rc = entry([]) if takes_argv else entry()
+        finally:
+            sys.argv = saved
+        status |= int(rc or 0)
     return status
 
 
