@@ -74,7 +74,8 @@ class LayerBuilder:
             info.mtime = FIXED_MTIME
         if xattrs:
             info.pax_headers = {
-                f"SCHILY.xattr.{k}": v.decode("latin-1") for k, v in xattrs.items()
+                f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape")
+                for k, v in xattrs.items()
             }
         self._tar.addfile(info, io.BytesIO(data) if data is not None else None)
         return self
