@@ -20,13 +20,6 @@ def test_help_works(script: str) -> None:
     assert out.stdout.startswith(f"usage: {script}")
 
 
-@pytest.mark.parametrize("script", ["containerd-shim-kata-ipu-v2", "kata-ipu-runtime"])
-def test_unimplemented_exits_2(script: str) -> None:
-    out = subprocess.run([str(BIN / script)], capture_output=True, text=True, check=False)
-    assert out.returncode == 2
-    assert "not implemented yet" in out.stderr
-
-
 def test_daemon_refuses_a_missing_config_file(tmp_path: Path) -> None:
     out = subprocess.run([str(BIN / "kata-ipud"), "--config", str(tmp_path / "nope.toml")],
                          capture_output=True, text=True, check=False)

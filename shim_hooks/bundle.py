@@ -1,0 +1,124 @@
+"""The OCI bundle as the front doors see it: annotations in, records and root.path out.
+
+* :func:`plan` reads ``config.json`` and decides what a container needs from the IPU: nothing
+  (a CRI sandbox/pause container), or a rootfs of one image (``io.kubernetes.cri.image-name``,
+  else ``io.katacontainers.ipu.image``), with an export kind (``io.katacontainers.ipu.export``
+  overrides the configured one).
+* Records are small JSON files in the bundle, written atomically: ``kata-ipu-shim.json`` (which
+  delegate shim serves this bundle) and ``kata-ipu-volume.json`` (which IPU volume is the
+  container's rootfs). containerd removes the bundle after the shim's ``delete``; the records
+  let ``delete`` release what a dead shim held.
+* :func:`set_root_path` points ``root.path`` at another directory (the runc wrapper's mount).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kata_ipu.errors import FailedPrecondition, InvalidArgument
+
+IMAGE_ANNOTATIONS = ("io.kubernetes.cri.image-name", "io.katacontainers.ipu.image")
+EXPORT_ANNOTATION = "io.katacontainers.ipu.export"
+CONTAINER_TYPE = "io.kubernetes.cri.container-type"
+SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+
+SHIM_RECORD = "kata-ipu-shim.json"
+VOLUME_RECORD = "kata-ipu-volume.json"
+
+_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class BundleError(InvalidArgument):
+    """The bundle's config.json is missing or malformed."""
+
+
+class NoImage(FailedPrecondition):
+    """The container names no image, so the IPU cannot prepare its rootfs."""
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    image: str | None  # None: leave the rootfs alone
+    export: str
+    reason: str  # why (for the log)
+    annotations: dict[str, str]
+
+
+def read_spec(bundle: str | Path) -> dict[str, Any]:
+    path = Path(bundle) / "config.json"
+    try:
+        spec = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise BundleError(f"{path}: no OCI config in the bundle") from exc
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path}: unreadable OCI config: {exc}") from exc
+    if not isinstance(spec, dict):
+        raise BundleError(f"{path}: the OCI config is not a JSON object")
+    return spec
+
+
+def spec_annotations(spec: dict[str, Any]) -> dict[str, str]:
+    raw = spec.get("annotations") or {}
+    return {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+
+
+def plan(spec: dict[str, Any], default_export: str) -> Plan:
+    ann = spec_annotations(spec)
+    export = ann.get(EXPORT_ANNOTATION) or default_export
+    if ann.get(CONTAINER_TYPE) == "sandbox":
+        return Plan(None, export, "CRI sandbox (pause) container", ann)
+    for key in IMAGE_ANNOTATIONS:
+        if ann.get(key):
+            return Plan(ann[key], export, f"image from {key}", ann)
+    return Plan(None, export, "no image annotation "
+                f"({' or '.join(IMAGE_ANNOTATIONS)})", ann)
+
+
+def volume_key(namespace: str, container_id: str) -> str:
+    """The IPU's container id for a containerd (namespace, id): readable when it fits."""
+    key = f"{namespace}.{container_id}" if namespace else container_id
+    if _KEY.match(key):
+        return key
+    return "h." + hashlib.sha256(key.encode()).hexdigest()
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def set_root_path(bundle: str | Path, root: str) -> str:
+    """Point ``root.path`` of the bundle's config.json at ``root``; returns the old value."""
+    path = Path(bundle) / "config.json"
+    spec = read_spec(bundle)
+    old = str((spec.get("root") or {}).get("path", "rootfs"))
+    spec.setdefault("root", {})["path"] = root
+    write_json(path, spec)
+    return old

@@ -1,0 +1,113 @@
+"""Protobuf field splitting for the few hand-coded messages, without the ttrpc package.
+
+The same rules as :func:`kata_ipu.ttrpc.wire.iter_fields` (tests check they agree), kept here
+so that the shim's ``start``/``delete`` actions and the runc wrapper, which run once per
+container operation, do not import asyncio and the ttrpc stack before they need them.
+"""
+
+from __future__ import annotations
+
+from kata_ipu.errors import InvalidArgument
+
+VARINT, I64, LEN, SGROUP, EGROUP, I32 = 0, 1, 2, 3, 4, 5
+
+Field = tuple[int, int, int | bytes]
+
+
+class WireError(InvalidArgument):
+    """A protobuf message is malformed."""
+
+
+def read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= end:
+            raise WireError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+        if shift >= 70:
+            raise WireError("varint longer than 10 bytes")
+
+
+def iter_fields(buf: bytes) -> list[Field]:
+    """``(field number, wire type, value)``: ints for varint/fixed, bytes for length-delimited;
+    groups are skipped."""
+    out: list[Field] = []
+    pos, end = 0, len(buf)
+    depth = 0
+    while pos < end:
+        key, pos = read_varint(buf, pos, end)
+        number, wt = key >> 3, key & 7
+        if number == 0:
+            raise WireError("field number 0 is invalid")
+        value: int | bytes
+        if wt == VARINT:
+            value, pos = read_varint(buf, pos, end)
+        elif wt == LEN:
+            length, pos = read_varint(buf, pos, end)
+            if length > end - pos:
+                raise WireError(f"field {number}: length {length} runs past the message end")
+            value = bytes(buf[pos:pos + length])
+            pos += length
+        elif wt in (I64, I32):
+            size = 8 if wt == I64 else 4
+            if pos + size > end:
+                raise WireError(f"field {number}: truncated fixed{size * 8}")
+            value = int.from_bytes(buf[pos:pos + size], "little")
+            pos += size
+        elif wt == SGROUP:
+            depth += 1
+            continue
+        elif wt == EGROUP:
+            depth -= 1
+            if depth < 0:
+                raise WireError(f"field {number}: unbalanced end of group")
+            continue
+        else:
+            raise WireError(f"field {number}: invalid wire type {wt}")
+        if depth == 0:
+            out.append((number, wt, value))
+    if depth:
+        raise WireError("truncated group")
+    return out
+
+
+def varint(value: int) -> bytes:
+    if value < 0:
+        value += 1 << 64
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def len_field(number: int, data: bytes) -> bytes:
+    return varint((number << 3) | LEN) + varint(len(data)) + data
+
+
+def str_field(number: int, value: str) -> bytes:
+    return len_field(number, value.encode()) if value else b""
+
+
+def int_field(number: int, value: int) -> bytes:
+    return varint(number << 3) + varint(value) if value else b""
+
+
+def encode_field(number: int, wire_type: int, value: int | bytes) -> bytes:
+    """Re-encode one field exactly as :func:`iter_fields` returned it."""
+    key = varint((number << 3) | wire_type)
+    if wire_type == VARINT and isinstance(value, int):
+        return key + varint(value)
+    if wire_type == LEN and isinstance(value, bytes):
+        return key + varint(len(value)) + value
+    if wire_type == I64 and isinstance(value, int):
+        return key + value.to_bytes(8, "little")
+    if wire_type == I32 and isinstance(value, int):
+        return key + value.to_bytes(4, "little")
+    raise WireError(f"field {number}: cannot re-encode wire type {wire_type}")
