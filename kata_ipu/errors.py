@@ -27,8 +27,8 @@ matching class (:func:`error_for_code`). Every error keeps its cause (``raise ..
 
 from __future__ import annotations
 
-import asyncio
 import enum
+import sys
 from typing import ClassVar
 
 
@@ -135,7 +135,6 @@ class Unauthenticated(KataIpuError):
 # entries below cover the standard-library errors a handler may let escape, following
 # containerd/ttrpc's convertCode (IsNotExist -> NotFound, IsExist -> AlreadyExists, ...).
 _STDLIB_CODES: tuple[tuple[type[BaseException], Code], ...] = (
-    (asyncio.CancelledError, Code.CANCELLED),
     (TimeoutError, Code.DEADLINE_EXCEEDED),
     (FileNotFoundError, Code.NOT_FOUND),
     (FileExistsError, Code.ALREADY_EXISTS),
@@ -171,6 +170,11 @@ def code_for(exc: BaseException) -> Code:
     """Status code for an exception raised by a handler (the one mapping table)."""
     if isinstance(exc, KataIpuError):
         return exc.code
+    # asyncio is not imported here (it costs ~25 ms at every shim start); if it is not
+    # loaded, no asyncio.CancelledError can exist.
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is not None and isinstance(exc, asyncio.CancelledError):
+        return Code.CANCELLED
     for kind, code in _STDLIB_CODES:
         if isinstance(exc, kind):
             return code

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import re
@@ -54,7 +55,9 @@ from kata_ipu.errors import (
     InvalidArgument,
     KataIpuError,
     NotFound,
+    ResourceExhausted,
 )
+from kata_ipu.executor import CommandFailed
 from kata_ipu.image.platform import Platform, host_platform, parse_platform
 from kata_ipu.image.pull import Puller, PullProgress
 from kata_ipu.image.reference import Reference, parse_reference
@@ -90,6 +93,21 @@ def crash_point(stage: str) -> None:
     if os.environ.get(CRASH_ENV) == stage:
         log.warning("crash point %s: killing myself", stage)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    """ENOSPC anywhere in the cause chain, or a tool that said so on stderr."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        if isinstance(seen, ResourceExhausted):
+            return False  # already typed: keep it
+        if isinstance(seen, CommandFailed) and b"No space left on device" in (
+                seen.result.stderr + seen.result.stdout):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def base_id_for(digest: str, fstype: str) -> str:
@@ -253,9 +271,13 @@ class Engine:
                 result = await builder.abuild(digest, out)
                 crash_point("build")
                 base = await asyncio.to_thread(self.target.import_base, result.image, base_id)
-        except BaseException:
+        except BaseException as exc:
             self.metrics.builds.labels("error").inc()
             await self.state.delete_base(base_id)
+            if _out_of_space(exc):
+                raise ResourceExhausted(
+                    f"block pool {self.target.pool.root} is full while building the base of "
+                    f"{name}: release volumes, remove images or run gc") from exc
             raise
         finally:
             self._status.pop(key, None)

@@ -142,3 +142,26 @@ def test_sd_notify_sends_ready(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     sock.close()
     monkeypatch.delenv("NOTIFY_SOCKET")
     assert not notify.ready()
+
+
+def test_out_of_space_is_found_in_the_cause_chain() -> None:
+    import errno as _errno
+
+    from kata_ipu.daemon.engine import _out_of_space
+    from kata_ipu.executor import CommandFailed, Completed
+
+    failed = CommandFailed(Completed(("mkfs.ext4",), 1, b"", b"No space left on device", 0.1))
+    assert _out_of_space(failed)
+    try:
+        try:
+            raise OSError(_errno.ENOSPC, "No space left on device")
+        except OSError as exc:
+            raise errors.Internal("copy failed") from exc
+    except errors.Internal as wrapped:
+        assert _out_of_space(wrapped)
+    assert not _out_of_space(errors.Internal("other"))
+    assert not _out_of_space(OSError(_errno.EIO, "I/O error"))
+
+
+def test_cancelled_error_maps_to_cancelled() -> None:
+    assert errors.code_for(asyncio.CancelledError()) is errors.Code.CANCELLED
