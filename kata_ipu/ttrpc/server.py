@@ -36,7 +36,7 @@ import stat
 import struct
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 from kata_ipu.errors import (
     AlreadyExists,
@@ -375,6 +375,85 @@ class _Resumed(collections.abc.Coroutine[Any, Any, Any]):
         raise TypeError("_Resumed is driven by a Task, not awaited")
 
 
+class _DuplexPipe(asyncio.Transport):
+    """One bidirectional transport over a read pipe and a write pipe (two fds on a
+    virtio-serial port, a pair of pipes...), for :meth:`Server.serve_pipe`."""
+
+    def __init__(self, conn: _Connection, done: asyncio.Future[None]) -> None:
+        super().__init__()
+        self._conn = conn
+        self._done = done
+        self._rt: asyncio.ReadTransport | None = None
+        self._wt: asyncio.WriteTransport | None = None
+        self._lost = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._wt is not None and not self._lost:
+            self._wt.write(data)
+
+    def is_closing(self) -> bool:
+        return self._lost
+
+    def close(self) -> None:
+        self.lose(None)
+
+    def abort(self) -> None:
+        self.lose(None)
+
+    def pause_reading(self) -> None:
+        if self._rt is not None and not self._lost:
+            self._rt.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._rt is not None and not self._lost:
+            self._rt.resume_reading()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def lose(self, exc: Exception | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        for t in (self._rt, self._wt):
+            if t is not None:
+                t.close()
+        self._conn.connection_lost(exc)
+        if not self._done.done():
+            self._done.set_result(None)
+
+
+class _PipeReader(asyncio.Protocol):
+    def __init__(self, duplex: _DuplexPipe, conn: _Connection) -> None:
+        self._duplex = duplex
+        self._conn = conn
+
+    def data_received(self, data: bytes) -> None:
+        self._conn.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        self._duplex.lose(None)
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._duplex.lose(exc)
+
+
+class _PipeWriter(asyncio.BaseProtocol):
+    def __init__(self, duplex: _DuplexPipe, conn: _Connection) -> None:
+        self._duplex = duplex
+        self._conn = conn
+
+    def pause_writing(self) -> None:
+        self._conn.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._conn.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._duplex.lose(exc)
+
+
 class Server:
     """A ttrpc server. Register services, then :meth:`listen` on one or more addresses."""
 
@@ -435,6 +514,36 @@ class Server:
         self.runstate = Runstate.SERVING
         log.info("ttrpc: listening", extra={"address": str(bound)})
         return bound
+
+    async def serve_pipe(self, read_file: IO[bytes], write_file: IO[bytes]) -> None:
+        """Serve one connection over a pair of already-open files (pipes or character
+        devices, e.g. both ends of a virtio-serial port); returns when the peer hangs up (EOF)
+        or the server closes. The files are closed on return.
+
+        This is how a guest agent serves ttrpc without a socket: Kata's agent listens on
+        vsock, but a virtio-serial port is a character device.
+        """
+        if self.runstate in (Runstate.STOPPING, Runstate.STOPPED):
+            raise FailedPrecondition(f"ttrpc: server is {self.runstate.value}")
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        conn = _Connection(self)
+        duplex = _DuplexPipe(conn, done)
+        try:
+            # writer first, then the connection, then the reader: a request already waiting in
+            # the pipe must find the connection made and able to answer
+            duplex._wt, _ = await loop.connect_write_pipe(
+                lambda: _PipeWriter(duplex, conn), write_file)
+            self.runstate = Runstate.SERVING
+            conn.connection_made(duplex)
+            duplex._rt, _ = await loop.connect_read_pipe(
+                lambda: _PipeReader(duplex, conn), read_file)
+        except BaseException:
+            duplex.lose(None)
+            read_file.close()
+            write_file.close()
+            raise
+        await done
 
     def _inflight_add(self, task: asyncio.Task[Any]) -> None:
         self._inflight.add(task)
