@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shim_hooks.pbwire import WireError, iter_fields
+from kata_ipu.protowire import WireError, iter_fields
 
 RUNC_OPTIONS = "containerd.runc.v1.Options"
 CRI_OPTIONS = "runtimeoptions.v1.Options"

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from shim_hooks.pbwire import (
+from kata_ipu.protowire import (
     WireError,
     encode_field,
     int_field,

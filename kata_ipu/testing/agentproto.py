@@ -3,7 +3,7 @@
 Field numbers follow Kata's ``src/libs/protocols/protos/agent.proto`` and ``oci.proto``
 (shared/notes/kata.md §7). Hand-written because the guest's Debian python3-protobuf 3.21 cannot
 load current generated code; this module imports only the stdlib and
-:func:`kata_ipu.ttrpc.wire.iter_fields`, so it runs on both sides of the VM boundary.
+:mod:`kata_ipu.protowire`, so it runs on both sides of the VM boundary.
 Unknown fields are skipped on decode (protobuf's rule); proto3 defaults are not encoded.
 """
 
@@ -11,40 +11,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kata_ipu.ttrpc.wire import iter_fields
+from kata_ipu import protowire
+from kata_ipu.protowire import iter_fields
 
 SERVICE = "grpc.AgentService"
 EMPTY = b""  # google.protobuf.Empty
 
-_VARINT = 0
-_LEN = 2
-
-
-def _varint(value: int) -> bytes:
-    if value < 0:
-        value += 1 << 64
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _len(number: int, data: bytes) -> bytes:
-    return _varint((number << 3) | _LEN) + _varint(len(data)) + data
-
-
-def _str(number: int, value: str) -> bytes:
-    return _len(number, value.encode()) if value else b""
+_varint = protowire.varint
+_len = protowire.len_field
+_str = protowire.str_field
+_int = protowire.int_field
 
 
 def _strs(number: int, values: list[str]) -> bytes:
     return b"".join(_len(number, v.encode()) for v in values)
-
-
-def _int(number: int, value: int) -> bytes:
-    return _varint(number << 3) + _varint(value) if value else b""
 
 
 def _text(value: int | bytes) -> str:

@@ -51,6 +51,7 @@ REPO = Path(__file__).resolve().parents[2]
 PAYLOAD_FILES = (
     "kata_ipu/__init__.py",
     "kata_ipu/errors.py",
+    "kata_ipu/protowire.py",
     "kata_ipu/testing/__init__.py",
     "kata_ipu/testing/agentproto.py",
     "kata_ipu/testing/guest_agent.py",

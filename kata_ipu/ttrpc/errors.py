@@ -18,6 +18,7 @@ peer's message unchanged.
 
 from __future__ import annotations
 
+from kata_ipu import protowire
 from kata_ipu.errors import InvalidArgument, ResourceExhausted, Unavailable
 
 
@@ -25,7 +26,7 @@ class ProtocolError(InvalidArgument):
     """The byte stream violates the ttrpc framing or envelope rules."""
 
 
-class WireError(ProtocolError):
+class WireError(ProtocolError, protowire.WireError):
     """A protobuf envelope (Request/Response/Status) is malformed."""
 
 

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kata_ipu import protowire
 from kata_ipu.ttrpc.errors import WireError
-
-# Wire types (protobuf encoding spec).
-_VARINT, _I64, _LEN, _SGROUP, _EGROUP, _I32 = 0, 1, 2, 3, 4, 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,112 +50,21 @@ class Response:
 
 # --------------------------------------------------------------------------- primitives
 
-def _varint(value: int) -> bytes:
-    if value < 0:
-        value += 1 << 64  # int64/int32 negatives are 10-byte two's complement varints
-    if value < 0x80:
-        return bytes((value,))
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+_varint = protowire.varint
+_len_field = protowire.len_field
+_VARINT = protowire.VARINT
 
 
 def _key(number: int, wire_type: int) -> bytes:
-    return _varint((number << 3) | wire_type)
+    return protowire.varint((number << 3) | wire_type)
 
 
-def _len_field(number: int, data: bytes) -> bytes:
-    return _key(number, _LEN) + _varint(len(data)) + data
-
-
-def _read_varint(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
-    result = 0
-    shift = 0
-    while True:
-        if pos >= end:
-            raise WireError("truncated varint")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result, pos
-        shift += 7
-        if shift >= 70:
-            raise WireError("varint longer than 10 bytes")
-
-
-def iter_fields(
-    buf: bytes | memoryview, start: int = 0, end: int | None = None
-) -> list[tuple[int, int, int | bytes]]:
-    """Split a protobuf message into ``(field number, wire type, value)`` triples.
-
-    Varint and fixed fields yield ints, length-delimited fields yield bytes; groups are
-    skipped. Public because tests and small hand-written decoders (e.g. for containerd's Task
-    API replies) use it.
-    """
-    if end is None:
-        end = len(buf)
-    out: list[tuple[int, int, int | bytes]] = []
-    pos = start
-    while pos < end:
-        key, pos = _read_varint(buf, pos, end)
-        number, wire_type = key >> 3, key & 7
-        if number == 0:
-            raise WireError("field number 0 is invalid")
-        if wire_type == _VARINT:
-            value, pos = _read_varint(buf, pos, end)
-            out.append((number, wire_type, value))
-        elif wire_type == _LEN:
-            length, pos = _read_varint(buf, pos, end)
-            if length > end - pos:
-                raise WireError(f"field {number}: length {length} runs past the message end")
-            out.append((number, wire_type, bytes(buf[pos:pos + length])))
-            pos += length
-        elif wire_type == _I64:
-            if pos + 8 > end:
-                raise WireError("truncated fixed64")
-            out.append((number, wire_type, int.from_bytes(buf[pos:pos + 8], "little")))
-            pos += 8
-        elif wire_type == _I32:
-            if pos + 4 > end:
-                raise WireError("truncated fixed32")
-            out.append((number, wire_type, int.from_bytes(buf[pos:pos + 4], "little")))
-            pos += 4
-        elif wire_type == _SGROUP:
-            pos = _skip_group(buf, pos, end, number)
-        else:
-            raise WireError(f"field {number}: invalid wire type {wire_type}")
-    return out
-
-
-def _skip_group(buf: bytes | memoryview, pos: int, end: int, number: int) -> int:
-    depth = 1
-    while depth:
-        key, pos = _read_varint(buf, pos, end)
-        wt = key & 7
-        if wt == _VARINT:
-            _, pos = _read_varint(buf, pos, end)
-        elif wt == _LEN:
-            length, pos = _read_varint(buf, pos, end)
-            if length > end - pos:
-                raise WireError("group field runs past the message end")
-            pos += length
-        elif wt == _I64:
-            pos += 8
-        elif wt == _I32:
-            pos += 4
-        elif wt == _SGROUP:
-            depth += 1
-        elif wt == _EGROUP:
-            depth -= 1
-        else:
-            raise WireError(f"invalid wire type {wt} in group {number}")
-        if pos > end:
-            raise WireError("truncated group")
-    return pos
+def iter_fields(buf: bytes | memoryview) -> list[tuple[int, int, int | bytes]]:
+    """:func:`kata_ipu.protowire.iter_fields`, raising this transport's :class:`WireError`."""
+    try:
+        return protowire.iter_fields(buf)
+    except protowire.WireError as exc:
+        raise WireError(str(exc)) from exc
 
 
 def _string(number: int, value: int | bytes) -> str:

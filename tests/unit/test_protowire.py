@@ -1,4 +1,4 @@
-"""shim_hooks.pbwire splits fields exactly like kata_ipu.ttrpc.wire (checked against protobuf)."""
+"""kata_ipu.protowire: the one hand-written protobuf field codec (checked against protobuf)."""
 
 from __future__ import annotations
 
@@ -7,19 +7,20 @@ from google.protobuf import descriptor_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kata_ipu import protowire as pbwire
 from kata_ipu.ttrpc import wire
-from shim_hooks import pbwire
 
 
 @given(st.binary(max_size=64))
-def test_agrees_with_the_ttrpc_splitter_on_any_bytes(data: bytes) -> None:
+def test_any_bytes_split_or_raise_wire_error(data: bytes) -> None:
     try:
-        theirs = wire.iter_fields(data)
-    except wire.WireError:
-        with pytest.raises(pbwire.WireError):
-            pbwire.iter_fields(data)
+        fields = pbwire.iter_fields(data)
+    except pbwire.WireError:
+        with pytest.raises(wire.WireError):  # the ttrpc layer re-raises its own subclass
+            wire.iter_fields(data)
         return
-    assert pbwire.iter_fields(data) == theirs
+    assert b"".join(pbwire.encode_field(*f) for f in fields) == data or any(
+        wt == 0 for _n, wt, _v in fields)  # over-long varints are legal but not canonical
 
 
 @given(st.lists(st.tuples(st.integers(1, 2**29 - 1), st.sampled_from([0, 1, 2, 5]),
@@ -27,7 +28,7 @@ def test_agrees_with_the_ttrpc_splitter_on_any_bytes(data: bytes) -> None:
 def test_encoded_fields_split_back(fields: list[tuple[int, int, int, bytes]]) -> None:
     wanted = [(n, wt, b if wt == 2 else v) for n, wt, v, b in fields]
     data = b"".join(pbwire.encode_field(*f) for f in wanted)
-    assert pbwire.iter_fields(data) == wire.iter_fields(data) == wanted
+    assert pbwire.iter_fields(data) == wanted
 
 
 def test_round_trip_of_a_real_protobuf_message() -> None:

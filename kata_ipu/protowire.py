@@ -1,8 +1,11 @@
-"""Protobuf field splitting for the few hand-coded messages, without the ttrpc package.
+"""The protobuf wire format by hand: varints, keys, fields, and splitting a message.
 
-The same rules as :func:`kata_ipu.ttrpc.wire.iter_fields` (tests check they agree), kept here
-so that the shim's ``start``/``delete`` actions and the runc wrapper, which run once per
-container operation, do not import asyncio and the ttrpc stack before they need them.
+One implementation for every hand-coded message in the project: the ttrpc envelopes
+(:mod:`kata_ipu.ttrpc.wire`), the few containerd Task API messages the shim rewrites
+(:mod:`shim_hooks.taskapi`) and the Kata agent messages of the VM tests
+(:mod:`kata_ipu.testing.agentproto`). Stdlib only and no asyncio, so the shim's one-shot
+``start``/``delete`` actions and the guest's Debian python3 can import it cheaply; generated
+code is avoided there because Debian's python3-protobuf cannot load current protoc output.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ Field = tuple[int, int, int | bytes]
 
 
 class WireError(InvalidArgument):
-    """A protobuf message is malformed."""
+    """A protobuf message is malformed (the message names the field and the problem)."""
 
 
-def read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+def read_varint(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         if pos >= end:
@@ -33,7 +36,7 @@ def read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
             raise WireError("varint longer than 10 bytes")
 
 
-def iter_fields(buf: bytes) -> list[Field]:
+def iter_fields(buf: bytes | memoryview) -> list[Field]:
     """``(field number, wire type, value)``: ints for varint/fixed, bytes for length-delimited;
     groups are skipped."""
     out: list[Field] = []
