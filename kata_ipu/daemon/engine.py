@@ -58,6 +58,7 @@ from kata_ipu.errors import (
     ResourceExhausted,
 )
 from kata_ipu.executor import CommandFailed
+from kata_ipu.image.credentials import CredentialChain, DockerConfigFile, default_credentials
 from kata_ipu.image.platform import Platform, host_platform, parse_platform
 from kata_ipu.image.pull import Puller, PullProgress
 from kata_ipu.image.reference import Reference, parse_reference
@@ -159,8 +160,13 @@ class Engine:
         state = await StateStore.open(config.state_db)
         try:
             store = await asyncio.to_thread(ContentStore.open, config.content_dir)
+            chain = default_credentials()
+            if config.image.docker_config:  # the configured file first, then the usual ones
+                chain = CredentialChain([DockerConfigFile(config.image.docker_config),
+                                         *chain.sources])
             puller = Puller(store, hosts_dir=config.image.hosts_dir,
-                            insecure_registries=config.image.insecure_registries)
+                            insecure_registries=config.image.insecure_registries,
+                            credential_chain=chain)
             target = await asyncio.to_thread(
                 create_pool, config.root / "block", backend=config.block.backend,
                 size=config.block.pool_size)

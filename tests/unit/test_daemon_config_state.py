@@ -165,3 +165,8 @@ def test_out_of_space_is_found_in_the_cause_chain() -> None:
 
 def test_cancelled_error_maps_to_cancelled() -> None:
     assert errors.code_for(asyncio.CancelledError()) is errors.Code.CANCELLED
+
+
+def test_shipped_default_config_loads_and_matches_the_defaults() -> None:
+    shipped = Path(__file__).parents[2] / "configs" / "ipud.toml"
+    assert config.load(shipped) == config.load(shipped.with_name("does-not-exist.toml"))
