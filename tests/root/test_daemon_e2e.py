@@ -138,6 +138,9 @@ def test_pull_prepare_three_isolated_clones_release_gc(daemon: IpuDaemon,
     gc = json.loads(_cli(daemon, "gc", "--json").stdout)
     assert int(gc["bytes_reclaimed"]) > 0
     assert json.loads(_cli(daemon, "images", "--json").stdout) == []
+    assert daemon.stop() == 0  # SIGTERM: graceful shutdown, exit status 0
+    assert "kata-ipud stopping" in daemon.log.read_text()
+    assert not daemon.socket.exists()
 
 
 def test_cold_prepare_and_bad_input(daemon: IpuDaemon, registry: RegistryServer) -> None:
