@@ -102,8 +102,18 @@ def _mkfs_ext4_argv(image: Path, size: int, inodes: int, journal_mib: int, seed:
 
 
 class _StagingMixin:
-    partial: Path
-    _staging: Path | None
+    """Writers that apply into a staging tree, then build the image from it."""
+
+    def __init__(self, partial: Path, policy: SizePolicy, seed: str,
+                 executor: Executor = DEFAULT) -> None:
+        self.partial = partial
+        self.policy = policy
+        self.seed = seed
+        self.executor = executor
+        self._staging: Path | None = None
+
+    def open(self) -> str:
+        return self._make_staging()
 
     def _make_staging(self) -> str:
         # The tree holds untrusted setuid binaries and device nodes: keep it under a 0700
@@ -128,17 +138,6 @@ class _StagingMixin:
 class StagedExt4Writer(_StagingMixin):
     fs_type = "ext4"
     strategy = "stage+mkfs.ext4-d"
-
-    def __init__(self, partial: Path, policy: SizePolicy, seed: str,
-                 executor: Executor = DEFAULT) -> None:
-        self.partial = partial
-        self.policy = policy
-        self.seed = seed
-        self.executor = executor
-        self._staging = None
-
-    def open(self) -> str:
-        return self._make_staging()
 
     def finish(self) -> ImageInfo:
         assert self._staging is not None
@@ -295,17 +294,6 @@ class LoopExt4Writer:
 class ErofsWriter(_StagingMixin):
     fs_type = "erofs"
     strategy = "stage+mkfs.erofs"
-
-    def __init__(self, partial: Path, policy: SizePolicy, seed: str,
-                 executor: Executor = DEFAULT) -> None:
-        self.partial = partial
-        self.policy = policy
-        self.seed = seed
-        self.executor = executor
-        self._staging = None
-
-    def open(self) -> str:
-        return self._make_staging()
 
     def finish(self) -> ImageInfo:
         assert self._staging is not None
