@@ -114,3 +114,38 @@ def encode_field(number: int, wire_type: int, value: int | bytes) -> bytes:
     if wire_type == I32 and isinstance(value, int):
         return key + value.to_bytes(4, "little")
     raise WireError(f"field {number}: cannot re-encode wire type {wire_type}")
+
+
+# -- typed field values (for decoders of hand-coded messages) ---------------------------------
+
+def as_str(number: int, value: int | bytes) -> str:
+    """A ``string`` field's value, checked (length-delimited, UTF-8)."""
+    if not isinstance(value, bytes):
+        raise WireError(f"field {number}: expected a length-delimited string")
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise WireError(f"field {number}: invalid UTF-8") from exc
+
+
+def as_bytes(number: int, value: int | bytes) -> bytes:
+    """A ``bytes`` or embedded-message field's value."""
+    if not isinstance(value, bytes):
+        raise WireError(f"field {number}: expected length-delimited bytes")
+    return value
+
+
+def as_uint(number: int, value: int | bytes) -> int:
+    """A ``uint32``/``uint64``/``bool``/enum varint field's value."""
+    if not isinstance(value, int):
+        raise WireError(f"field {number}: expected a varint")
+    return value
+
+
+def as_int(number: int, value: int | bytes, bits: int = 64) -> int:
+    """An ``int32``/``int64`` varint field's value (two's complement)."""
+    value = as_uint(number, value) & ((1 << 64) - 1)
+    if bits == 32:
+        value &= 0xFFFFFFFF
+        return value - (1 << 32) if value >= 1 << 31 else value
+    return value - (1 << 64) if value >= 1 << 63 else value

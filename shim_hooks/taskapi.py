@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 from kata_ipu.protowire import (
     WireError,
+    as_str,
+    as_uint,
     encode_field,
     int_field,
     iter_fields,
@@ -38,19 +40,8 @@ TASK_METHODS = ("State", "Create", "Start", "Delete", "Pids", "Pause", "Resume",
                 "Shutdown")
 
 
-def _text(number: int, value: int | bytes) -> str:
-    if not isinstance(value, bytes):
-        raise WireError(f"field {number}: expected a string")
-    try:
-        return value.decode()
-    except UnicodeDecodeError as exc:
-        raise WireError(f"field {number}: invalid UTF-8") from exc
-
-
-def _uint(number: int, value: int | bytes) -> int:
-    if not isinstance(value, int):
-        raise WireError(f"field {number}: expected a varint")
-    return value
+_text = as_str
+_uint = as_uint
 
 
 @dataclass(frozen=True, slots=True)

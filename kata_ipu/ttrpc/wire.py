@@ -18,6 +18,8 @@ else. tests/unit/test_ttrpc_wire.py checks both directions against google.protob
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from kata_ipu import protowire
@@ -61,35 +63,24 @@ def _key(number: int, wire_type: int) -> bytes:
 
 def iter_fields(buf: bytes | memoryview) -> list[tuple[int, int, int | bytes]]:
     """:func:`kata_ipu.protowire.iter_fields`, raising this transport's :class:`WireError`."""
-    try:
+    with _as_transport_error():
         return protowire.iter_fields(buf)
+
+
+@contextlib.contextmanager
+def _as_transport_error() -> Iterator[None]:
+    """Decoders raise the ttrpc :class:`WireError` (a protowire.WireError) and nothing else."""
+    try:
+        yield
+    except WireError:
+        raise
     except protowire.WireError as exc:
         raise WireError(str(exc)) from exc
 
 
-def _string(number: int, value: int | bytes) -> str:
-    if not isinstance(value, bytes):
-        raise WireError(f"field {number}: expected a length-delimited string")
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise WireError(f"field {number}: invalid UTF-8") from exc
-
-
-def _bytes(number: int, value: int | bytes) -> bytes:
-    if not isinstance(value, bytes):
-        raise WireError(f"field {number}: expected length-delimited bytes")
-    return value
-
-
-def _int(number: int, value: int | bytes, bits: int) -> int:
-    if not isinstance(value, int):
-        raise WireError(f"field {number}: expected a varint")
-    value &= (1 << 64) - 1
-    if bits == 32:
-        value &= 0xFFFFFFFF
-        return value - (1 << 32) if value >= 1 << 31 else value
-    return value - (1 << 64) if value >= 1 << 63 else value
+_string = protowire.as_str
+_bytes = protowire.as_bytes
+_int = protowire.as_int
 
 
 # --------------------------------------------------------------------------- messages
@@ -106,6 +97,11 @@ def encode_status(status: Status) -> bytes:
 
 
 def decode_status(data: bytes) -> Status:
+    with _as_transport_error():
+        return _decode_status(data)
+
+
+def _decode_status(data: bytes) -> Status:
     code, message, details = 0, "", []
     for number, _wt, value in iter_fields(data):
         if number == 1:
@@ -145,6 +141,11 @@ def encode_request(req: Request) -> bytes:
 
 
 def decode_request(data: bytes | memoryview) -> Request:
+    with _as_transport_error():
+        return _decode_request(data)
+
+
+def _decode_request(data: bytes | memoryview) -> Request:
     service = method = ""
     payload = b""
     timeout = 0
@@ -193,9 +194,10 @@ def decode_response(data: bytes | memoryview) -> Response:
         return Response(None, b"")
     status: Status | None = None
     payload = b""
-    for number, _wt, value in iter_fields(data):
-        if number == 1:
-            status = decode_status(_bytes(1, value))
-        elif number == 2:
-            payload = _bytes(2, value)
+    with _as_transport_error():
+        for number, _wt, value in protowire.iter_fields(data):
+            if number == 1:
+                status = _decode_status(_bytes(1, value))
+            elif number == 2:
+                payload = _bytes(2, value)
     return Response(status, payload)
