@@ -18,7 +18,6 @@ import base64
 import http.client
 import http.server
 import json
-import os
 import socket
 import ssl
 import subprocess
@@ -29,7 +28,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from kata_ipu.executor import DEFAULT, Executor
 
@@ -64,7 +63,40 @@ def _wait_http(host: str, port: int, proc: subprocess.Popen[bytes] | None,
     raise RuntimeError(f"server on {host}:{port} did not come up within {timeout}s")
 
 
-class TokenServer:
+class _LocalHttpServer:
+    """An in-process HTTP server on 127.0.0.1:<free port>, served from a daemon thread.
+
+    Subclasses build their request handler in ``start()`` and hand it to :meth:`_serve`;
+    ``stop()`` (also the context manager's exit) shuts it down and closes the socket.
+    """
+
+    def __init__(self) -> None:
+        self._server: http.server.ThreadingHTTPServer | None = None
+        self.port = 0
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def _serve(self, handler: type[http.server.BaseHTTPRequestHandler]) -> None:
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class TokenServer(_LocalHttpServer):
     """Docker registry token server (``GET /token?service=&scope=``, Basic auth optional).
 
     ``users`` maps username → password; with ``anonymous_pull`` anonymous users get pull
@@ -89,9 +121,7 @@ class TokenServer:
         self.key = workdir / "token.key"
         self.cert = workdir / "token.crt"
         self.requests: list[dict[str, str]] = []
-        self.port = 0
-        self._server: http.server.ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__()
 
     @property
     def realm(self) -> str:
@@ -178,33 +208,21 @@ class TokenServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self._serve(Handler)
         return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> TokenServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 class RegistryServer:
-    """``docker-registry serve`` on 127.0.0.1:<free port> with storage under ``workdir``."""
+    """``docker-registry serve`` on ``host`` (127.0.0.1 by default) at a free port, with
+    storage under ``workdir``. A test network's address may be given as ``host`` so that
+    an IPU in another network namespace can reach it."""
 
     def __init__(self, workdir: Path, *, auth: Literal["none", "htpasswd", "token"] = "none",
                  users: dict[str, str] | None = None, token_server: TokenServer | None = None,
-                 tls: bool = False, executor: Executor = DEFAULT) -> None:
+                 tls: bool = False, host: str = "127.0.0.1",
+                 executor: Executor = DEFAULT) -> None:
         self.workdir = workdir
+        self.host = host
         self.auth = auth
         self.tls = tls
         self.cert = workdir / "registry.crt"
@@ -219,7 +237,7 @@ class RegistryServer:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def blob_file(self, digest: str) -> Path:
         """Where the registry's filesystem driver keeps a blob (to serve it as a "CDN")."""
@@ -264,7 +282,7 @@ class RegistryServer:
         self._proc = subprocess.Popen(["docker-registry", "serve", str(config)],
                                       stdout=self._log, stderr=subprocess.STDOUT)
         try:
-            _wait_http("127.0.0.1", self.port, self._proc, tls=self.tls)
+            _wait_http(self.host, self.port, self._proc, tls=self.tls)
         except BaseException:
             self.stop()
             raise
@@ -339,7 +357,7 @@ class ProxyRequest:
     fault: str = ""
 
 
-class FaultProxy:
+class FaultProxy(_LocalHttpServer):
     """Reverse proxy to ``upstream`` (``host:port``) with fault rules, logging every request."""
 
     def __init__(self, upstream: str, faults: list[Fault] | None = None) -> None:
@@ -348,8 +366,7 @@ class FaultProxy:
         self.requests: list[ProxyRequest] = []
         self._stop = threading.Event()
         self._mu = threading.Lock()
-        self._server: http.server.ThreadingHTTPServer | None = None
-        self.port = 0
+        super().__init__()
 
     @property
     def address(self) -> str:
@@ -426,35 +443,22 @@ class FaultProxy:
 
             do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = _handle
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._serve(Handler)
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> FaultProxy:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self._stop.set()  # releases stalled responses before the server shuts down
+        super().stop()
 
 
-class BlobFileServer:
+class BlobFileServer(_LocalHttpServer):
     """A "CDN": serves ``GET /<digest>`` from a :class:`RegistryServer`'s storage and records
     whether requests carried an ``Authorization`` header."""
 
     def __init__(self, registry: RegistryServer) -> None:
         self.registry = registry
         self.requests: list[ProxyRequest] = []
-        self._server: http.server.ThreadingHTTPServer | None = None
-        self.port = 0
+        super().__init__()
 
     def url_for(self, digest: str) -> str:
         return f"http://127.0.0.1:{self.port}/{digest}"
@@ -481,25 +485,6 @@ class BlobFileServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._serve(Handler)
         return self
 
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> BlobFileServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def has_programs(*names: str) -> bool:
-    return all(any(os.access(os.path.join(d, n), os.X_OK)
-                   for d in os.environ.get("PATH", "").split(os.pathsep)) for n in names)

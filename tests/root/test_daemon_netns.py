@@ -64,13 +64,12 @@ def test_ipu_in_its_own_network_namespace_over_tcp(netns: str, tmp_path: Path) -
     # The registry listens on the host end of the link, where the namespaced IPU can reach it.
     reg_dir = tmp_path / "registry"
     reg_dir.mkdir()
-    registry = RegistryServer(reg_dir)
-    with _registry_on(registry, HOST_IP):
+    with RegistryServer(reg_dir, host=HOST_IP) as registry:
         layout = OciLayout(tmp_path / "oci")
         layout.add_image([LayerBuilder().tree(busybox_tree(tmp_path / "tree")).build(),
                           LayerBuilder().file("etc/motd", b"served by a remote IPU\n").build()],
                          ref="v1")
-        ref = f"{HOST_IP}:{registry.port}/remote/busybox:v1"
+        ref = f"{registry.address}/remote/busybox:v1"
         push(tmp_path / "oci", "v1", ref)
 
         token = tmp_path / "token"
@@ -80,7 +79,7 @@ def test_ipu_in_its_own_network_namespace_over_tcp(netns: str, tmp_path: Path) -
         (tmp_path / "ipu").mkdir()
         ipu = IpuDaemon(tmp_path / "ipu", pool_size="2G", tcp=f"{IPU_IP}:{port}",
                         token_file=token, unix=False, metrics=False,
-                        insecure_registries=(f"{HOST_IP}:{registry.port}",))
+                        insecure_registries=(registry.address,))
         try:
             ipu.start(wrapper=("nsenter", f"--net=/run/netns/{netns}"))
             base = [CLI, "--address", f"tcp://{IPU_IP}:{port}"]
@@ -99,36 +98,3 @@ def test_ipu_in_its_own_network_namespace_over_tcp(netns: str, tmp_path: Path) -
             subprocess.run([*base, "--token-file", str(token), "release", "r1"], check=True)
         finally:
             ipu.teardown()
-
-
-class _registry_on:
-    """Start a RegistryServer bound to ``host`` instead of 127.0.0.1."""
-
-    def __init__(self, registry: RegistryServer, host: str) -> None:
-        self.registry = registry
-        self.host = host
-
-    def __enter__(self) -> RegistryServer:
-        reg = self.registry
-        original = reg._config
-
-        def config() -> dict[str, object]:
-            cfg = original()
-            cfg["http"]["addr"] = f"{self.host}:{reg.port}"  # type: ignore[index]
-            return cfg
-
-        reg._config = config  # type: ignore[method-assign]
-        reg.storage.mkdir(parents=True, exist_ok=True)
-        cfg_file = reg.workdir / "config.yml"
-        cfg_file.write_text(json.dumps(config()))
-        log = open(reg.workdir / "registry.log", "wb")
-        reg._log = log
-        reg._proc = subprocess.Popen(["docker-registry", "serve", str(cfg_file)], stdout=log,
-                                     stderr=subprocess.STDOUT)
-        from kata_ipu.testing.registry import _wait_http
-
-        _wait_http(self.host, reg.port, reg._proc)
-        return reg
-
-    def __exit__(self, *exc: object) -> None:
-        self.registry.stop()
