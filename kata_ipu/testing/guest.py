@@ -35,7 +35,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,19 +212,46 @@ class _Cpio:
 
 
 def initramfs(k: Kernel, *, init: str = DISK_PROBE_INIT,
-              modules: Sequence[str] = ("virtio_pci", "virtio_blk")) -> Path:
-    """A gzip'd busybox initramfs with ``init`` as /init; cached by content."""
+              modules: Sequence[str] = ("virtio_pci", "virtio_blk"),
+              files: Mapping[str, bytes] | None = None, prefix: str = "initramfs") -> Path:
+    """A gzip'd busybox initramfs with ``init`` as /init, the ``modules`` closure in
+    /lib/modules and ``files`` (``{path: content}``, parents created) added; cached by
+    content as ``<prefix>-<hash>.cpio.gz``."""
     busybox = Path(shutil.which("busybox") or "/bin/busybox")
     closure = module_closure(k, modules)
     script = init.replace("@MODULES@", " ".join(p.name[:-3] for p in closure))
+    extra = dict(files or {})
     key = hashlib.sha256()
     key.update(busybox.read_bytes())
     for text in (k.version, script, *(p.name for p in closure)):
-        key.update(text.encode())
+        key.update(text.encode() + b"\0")
+    for rel, data in sorted(extra.items()):
+        key.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
     with _cache_lock("initramfs") as base:
-        out = base / f"initramfs-{key.hexdigest()[:16]}.cpio.gz"
+        out = base / f"{prefix}-{key.hexdigest()[:16]}.cpio.gz"
         if out.exists():
             return out
+        cpio = _Cpio()
+        dirs = {"bin", "dev", "proc", "sys", "mnt", "tmp", "lib", "lib/modules"}
+        for d in sorted(dirs):
+            cpio.add(d, stat.S_IFDIR | 0o755)
+        cpio.add("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1))
+        cpio.add("bin/busybox", stat.S_IFREG | 0o755, busybox.read_bytes())
+        cpio.add("init", stat.S_IFREG | 0o755, script.encode())
+        for ko in closure:
+            cpio.add(f"lib/modules/{ko.name}", stat.S_IFREG | 0o644, ko.read_bytes())
+        for rel, data in sorted(extra.items()):
+            parts = rel.split("/")[:-1]
+            for i in range(1, len(parts) + 1):
+                d = "/".join(parts[:i])
+                if d not in dirs:
+                    dirs.add(d)
+                    cpio.add(d, stat.S_IFDIR | 0o755)
+            cpio.add(rel, stat.S_IFREG | 0o644, data)
+        tmp = out.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(gzip.compress(cpio.finish(), compresslevel=1, mtime=0))
+        tmp.rename(out)
+        return out
         cpio = _Cpio()
         for d in ("bin", "dev", "proc", "sys", "mnt", "tmp", "lib", "lib/modules"):
             cpio.add(d, stat.S_IFDIR | 0o755)

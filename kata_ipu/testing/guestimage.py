@@ -21,18 +21,15 @@ Nothing runs at import time.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import os
 import shutil
-import stat
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from kata_ipu.executor import DEFAULT, Executor
-from kata_ipu.testing.guest import Kernel, _cache_lock, _Cpio, module_closure
+from kata_ipu.testing.guest import Kernel, _cache_lock, initramfs
 
 RECIPE_VERSION = "1"
 SUITE = "bookworm"
@@ -146,40 +143,8 @@ def project_payload() -> dict[str, bytes]:
 def boot_initramfs(k: Kernel, agent_args: Sequence[str] = (),
                    payload: Mapping[str, bytes] | None = None) -> Path:
     """The initramfs that boots :func:`root_image` into the test agent; cached by content."""
-    busybox = Path(shutil.which("busybox") or "/bin/busybox")
-    closure = module_closure(k, GUEST_MODULES)
     files = project_payload() if payload is None else dict(payload)
-    script = (BOOT_INIT.replace("@MODULES@", " ".join(p.name[:-3] for p in closure))
-              .replace("@SERIAL@", ROOT_SERIAL).replace("@HOOKS@", GUEST_HOOK_PATH)
+    script = (BOOT_INIT.replace("@SERIAL@", ROOT_SERIAL).replace("@HOOKS@", GUEST_HOOK_PATH)
               .replace("@AGENT_ARGS@", " ".join(agent_args)))
-    key = hashlib.sha256()
-    key.update(busybox.read_bytes())
-    for text in (k.version, script, *(p.name for p in closure)):
-        key.update(text.encode() + b"\0")
-    for rel, data in sorted(files.items()):
-        key.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
-    with _cache_lock("initramfs") as base:
-        out = base / f"bootrd-{key.hexdigest()[:16]}.cpio.gz"
-        if out.exists():
-            return out
-        cpio = _Cpio()
-        for d in ("bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules", "payload"):
-            cpio.add(d, stat.S_IFDIR | 0o755)
-        cpio.add("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1))
-        cpio.add("bin/busybox", stat.S_IFREG | 0o755, busybox.read_bytes())
-        cpio.add("init", stat.S_IFREG | 0o755, script.encode())
-        for ko in closure:
-            cpio.add(f"lib/modules/{ko.name}", stat.S_IFREG | 0o644, ko.read_bytes())
-        dirs: set[str] = set()
-        for rel, data in sorted(files.items()):
-            parts = rel.split("/")[:-1]
-            for i in range(1, len(parts) + 1):
-                d = "/".join(parts[:i])
-                if d not in dirs:
-                    dirs.add(d)
-                    cpio.add(f"payload/{d}", stat.S_IFDIR | 0o755)
-            cpio.add(f"payload/{rel}", stat.S_IFREG | 0o644, data)
-        tmp = out.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(gzip.compress(cpio.finish(), compresslevel=1, mtime=0))
-        tmp.rename(out)
-        return out
+    return initramfs(k, init=script, modules=GUEST_MODULES, prefix="bootrd",
+                     files={f"payload/{rel}": data for rel, data in files.items()})
