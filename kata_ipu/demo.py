@@ -32,10 +32,8 @@ from kata_ipu.testing.registry import RegistryServer, push
 
 
 def _cli(daemon: IpuDaemon, *args: str) -> tuple[float, str]:
-    exe = Path(sys.executable).with_name("kata-ipu")
     start = time.monotonic()
-    out = subprocess.run([str(exe), "--address", daemon.address, *args], capture_output=True,
-                         text=True, check=False)
+    out = daemon.cli(*args, check=False)
     elapsed = time.monotonic() - start
     if out.returncode != 0:
         raise SystemExit(f"demo: kata-ipu {' '.join(args)} failed: {out.stderr.strip()}")

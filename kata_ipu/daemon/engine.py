@@ -310,16 +310,21 @@ class Engine:
 
     async def list_images(self, prefix: str = "") -> list[tuple[ImageRecord, list[BaseRecord],
                                                                 int]]:
-        out = []
+        """Images whose names start with ``prefix``, each with its READY bases and clones."""
         volumes = await self.state.list_volumes()
-        for img in await self.state.list_images():
-            if prefix and not any(n.startswith(prefix) for n in img.names):
-                continue
-            bases = [b for b in await self.state.list_bases(img.digest)
-                     if b.state is BaseState.READY]
-            clones = sum(1 for v in volumes if v.digest == img.digest)
-            out.append((img, bases, clones))
-        return out
+        return [await self._describe(img, volumes) for img in await self.state.list_images()
+                if not prefix or any(n.startswith(prefix) for n in img.names)]
+
+    async def describe_image(self, img: ImageRecord
+                             ) -> tuple[ImageRecord, list[BaseRecord], int]:
+        """One image with its READY bases and its number of live clones."""
+        return await self._describe(img, await self.state.list_volumes())
+
+    async def _describe(self, img: ImageRecord, volumes: list[VolumeRecord]
+                        ) -> tuple[ImageRecord, list[BaseRecord], int]:
+        bases = [b for b in await self.state.list_bases(img.digest)
+                 if b.state is BaseState.READY]
+        return img, bases, sum(1 for v in volumes if v.digest == img.digest)
 
     async def remove_image(self, image: str, *, force: bool = False) -> None:
         img = await self.find_image(image)

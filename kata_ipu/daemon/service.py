@@ -130,9 +130,7 @@ class IpuServices:
     async def pull(self, ctx: CallContext, req: pb.PullRequest) -> pb.PullResponse:
         img = await self.engine.pull(req.image, platform=_platform_text(req.platform),
                                      fstype=_FS[req.fstype], build=not req.skip_build)
-        listed = [x for x in await self.engine.list_images() if x[0].digest == img.digest]
-        bases, clones = (listed[0][1], listed[0][2]) if listed else ([], 0)
-        return pb.PullResponse(image=image_message(img, bases, clones))
+        return pb.PullResponse(image=image_message(*await self.engine.describe_image(img)))
 
     async def list_images(self, ctx: CallContext, req: pb.ListImagesRequest
                           ) -> pb.ListImagesResponse:
@@ -198,14 +196,14 @@ class IpuServices:
     async def stat(self, ctx: CallContext, req: pb.StatRootfsRequest) -> pb.StatRootfsResponse:
         vol = await self.engine.get_volume(req.container_id)
         base = await self.engine.state.get_base(vol.base_id)
-        size, allocated = await _to_thread(self.engine.volume_usage, vol.volume_id)
+        size, allocated = await asyncio.to_thread(self.engine.volume_usage, vol.volume_id)
         return pb.StatRootfsResponse(
             rootfs=rootfs_message(vol, base.fstype if base else ""),
             usage=pb.RootfsUsage(size_bytes=size, allocated_bytes=allocated))
 
     # ------------------------------------------------------------------ SystemService
     async def check(self, ctx: CallContext, req: pb.CheckRequest) -> pb.CheckResponse:
-        results = await _to_thread(run_checks, self.engine.config.root, self.engine.target)
+        results = await asyncio.to_thread(run_checks, self.engine.config.root, self.engine.target)
         return pb.CheckResponse(results=[pb.CheckResult(name=r.name, ok=r.ok, detail=r.detail)
                                          for r in results])
 
@@ -214,7 +212,7 @@ class IpuServices:
         return pb.GcResponse(bases_removed=bases, bytes_reclaimed=freed)
 
     async def info(self, ctx: CallContext, req: pb.InfoRequest) -> pb.InfoResponse:
-        usage = await _to_thread(self.engine.target.usage)
+        usage = await asyncio.to_thread(self.engine.target.usage)
         plat = self.engine.platform
         return pb.InfoResponse(
             version=__version__, backend=self.engine.target.pool.backend,
@@ -223,10 +221,6 @@ class IpuServices:
             volumes=len(await self.engine.state.list_volumes()),
             platform=pb.Platform(os=plat.os, architecture=plat.architecture,
                                  variant=plat.variant))
-
-
-async def _to_thread(fn: Callable[..., Req], *args: Any) -> Req:
-    return await asyncio.to_thread(fn, *args)
 
 
 def read_token(path: str) -> str:

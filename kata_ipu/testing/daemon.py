@@ -100,6 +100,20 @@ class IpuDaemon:
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
+    def cli(self, *args: str, check: bool = True,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """Run the ``kata-ipu`` CLI against this daemon."""
+        return subprocess.run([str(Path(sys.executable).with_name("kata-ipu")), "--address",
+                               self.address, *args], capture_output=True, text=True,
+                              check=check, timeout=timeout)
+
+    def volume_loops(self) -> list[str]:
+        """Loop devices whose backing file is a volume in this daemon's pool (the kernel's
+        view, from sysfs); the pool's own loop-mounted image is not counted."""
+        data = str(self.root / "block" / "data")
+        return [b.parent.parent.name for b in Path("/sys/block").glob("loop*/loop/backing_file")
+                if b.read_text().strip().startswith(data)]
+
     def metrics_text(self) -> str:
         assert self.metrics_port is not None
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",

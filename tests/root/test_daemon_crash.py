@@ -44,26 +44,19 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServe
         yield reg
 
 
-def _cli(d: IpuDaemon, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([CLI, "--address", d.address, *args], capture_output=True, text=True,
-                          check=check, timeout=300)
 
 
-def _volume_loops(d: IpuDaemon) -> list[str]:
-    data = str(d.root / "block" / "data")
-    return [b.parent.parent.name for b in Path("/sys/block").glob("loop*/loop/backing_file")
-            if b.read_text().strip().startswith(data)]
 
 
 def _assert_clean_and_usable(d: IpuDaemon, ref: str) -> None:
-    assert json.loads(_cli(d, "ls", "--json").stdout) == []
-    assert _volume_loops(d) == []
+    assert json.loads(d.cli("ls", "--json").stdout) == []
+    assert d.volume_loops() == []
     build = d.root / "block" / "data" / "build"
     assert not build.exists() or not any(build.iterdir())
-    dev = json.loads(_cli(d, "prepare", "--id", "again", ref, "--json").stdout)
+    dev = json.loads(d.cli("prepare", "--id", "again", ref, "--json").stdout)
     assert Path(dev["path"]).exists()
-    _cli(d, "release", "again")
-    assert _volume_loops(d) == []
+    d.cli("release", "again")
+    assert d.volume_loops() == []
 
 
 @pytest.mark.parametrize("stage", ["build", "clone", "export"])
@@ -73,7 +66,7 @@ def test_crash_point_then_restart(stage: str, registry: RegistryServer,
     d = IpuDaemon(tmp_path, pool_size="2G")
     try:
         d.start(env={"KATA_IPU_CRASH_AT": stage})
-        failed = _cli(d, "prepare", "--id", "victim", ref, check=False)
+        failed = d.cli("prepare", "--id", "victim", ref, check=False)
         assert failed.returncode == 1 and "closed" in failed.stderr
         assert d.wait_exit() == -9
         d.start()
@@ -87,7 +80,7 @@ def test_crash_point_then_restart(stage: str, registry: RegistryServer,
         _assert_clean_and_usable(d, ref)
     finally:
         d.teardown()
-    assert _volume_loops(d) == []
+    assert d.volume_loops() == []
 
 
 def test_kill_during_a_stalled_blob_download(registry: RegistryServer, tmp_path: Path) -> None:

@@ -67,9 +67,6 @@ def _our_loops(under: Path) -> list[str]:
     return out
 
 
-def _cli(d: IpuDaemon, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([CLI, "--address", d.address, *args], capture_output=True, text=True,
-                          check=check, timeout=300)
 
 
 async def _call(d: IpuDaemon, service: str, method: str, req: object, resp: type) -> object:
@@ -93,15 +90,15 @@ def test_pull_prepare_three_isolated_clones_release_gc(daemon: IpuDaemon,
                                                       registry: RegistryServer,
                                                       tmp_path: Path) -> None:
     ref = f"{registry.address}/e2e/busybox:v1"
-    pulled = _cli(daemon, "pull", ref)
+    pulled = daemon.cli("pull", ref)
     assert "sha256:" in pulled.stdout and "ext4 base" in pulled.stdout
-    images = json.loads(_cli(daemon, "images", "--json").stdout)
+    images = json.loads(daemon.cli("images", "--json").stdout)
     assert [i["name"] for i in images] == [ref]
     assert len(images[0]["bases"]) == 1
 
     devices = {}
     for cid in ("c1", "c2", "c3"):
-        dev = json.loads(_cli(daemon, "prepare", "--id", cid, ref, "--json").stdout)
+        dev = json.loads(daemon.cli("prepare", "--id", cid, ref, "--json").stdout)
         assert dev["path"].startswith("/dev/loop") and dev["fstype"] == "ext4"
         assert dev["cold"] is False  # the image was pulled and built above
         st = os.stat(dev["path"])
@@ -118,26 +115,26 @@ def test_pull_prepare_three_isolated_clones_release_gc(daemon: IpuDaemon,
         assert seen == {cid}, f"{cid} sees other clones' files: {seen}"
 
     # idempotent: a repeat returns the same device; another image for the id is refused
-    again = json.loads(_cli(daemon, "prepare", "--id", "c1", ref, "--json").stdout)
+    again = json.loads(daemon.cli("prepare", "--id", "c1", ref, "--json").stdout)
     assert again["path"] == devices["c1"]
-    other = _cli(daemon, "prepare", "--id", "c1", f"{registry.address}/e2e/busybox:v2",
+    other = daemon.cli("prepare", "--id", "c1", f"{registry.address}/e2e/busybox:v2",
                  check=False)
     assert other.returncode == 1 and "already prepared" in other.stderr
 
-    listed = json.loads(_cli(daemon, "ls", "--json").stdout)
+    listed = json.loads(daemon.cli("ls", "--json").stdout)
     assert sorted(r["container_id"] for r in listed) == ["c1", "c2", "c3"]
-    refused = _cli(daemon, "rmi", ref, check=False)
+    refused = daemon.cli("rmi", ref, check=False)
     assert refused.returncode == 1 and "live clone" in refused.stderr
 
     for cid in devices:
-        assert _cli(daemon, "release", cid).returncode == 0
-        assert _cli(daemon, "release", cid).returncode == 0  # idempotent
-    assert not _our_loops(tmp_path / "root" / "block" / "data")  # only the pool itself
-    assert json.loads(_cli(daemon, "ls", "--json").stdout) == []
-    _cli(daemon, "rmi", ref)
-    gc = json.loads(_cli(daemon, "gc", "--json").stdout)
+        assert daemon.cli("release", cid).returncode == 0
+        assert daemon.cli("release", cid).returncode == 0  # idempotent
+    assert not daemon.volume_loops()  # only the pool itself
+    assert json.loads(daemon.cli("ls", "--json").stdout) == []
+    daemon.cli("rmi", ref)
+    gc = json.loads(daemon.cli("gc", "--json").stdout)
     assert int(gc["bytes_reclaimed"]) > 0
-    assert json.loads(_cli(daemon, "images", "--json").stdout) == []
+    assert json.loads(daemon.cli("images", "--json").stdout) == []
     assert daemon.stop() == 0  # SIGTERM: graceful shutdown, exit status 0
     assert "kata-ipud stopping" in daemon.log.read_text()
     assert not daemon.socket.exists()
@@ -165,14 +162,14 @@ def test_cold_prepare_and_bad_input(daemon: IpuDaemon, registry: RegistryServer)
         with pytest.raises(cls, match=fragment):
             asyncio.run(_call(daemon, api.ROOTFS_SERVICE, "Prepare", req, pb.PrepareResponse))
     # nothing was left behind by the failures, and the daemon still serves
-    listed = json.loads(_cli(daemon, "ls", "--json").stdout)
+    listed = json.loads(daemon.cli("ls", "--json").stdout)
     assert [r["container_id"] for r in listed] == ["cold1"]
-    check = _cli(daemon, "check")
+    check = daemon.cli("check")
     assert "ok   loop-control" in check.stdout and "ok   reflink-pool" in check.stdout
-    env = json.loads(_cli(daemon, "env", "--json").stdout)
+    env = json.loads(daemon.cli("env", "--json").stdout)
     assert env["daemon"]["backend"] == "file" and env["daemon"]["volumes"] == 1
     assert env["daemon"]["root"] == str(daemon.root)
-    stat = json.loads(_cli(daemon, "stat", "cold1", "--json").stdout)
+    stat = json.loads(daemon.cli("stat", "cold1", "--json").stdout)
     assert 0 < int(stat["allocated_bytes"]) < int(stat["size"])  # sparse, not a full copy
 
 
@@ -200,14 +197,14 @@ def test_fifty_concurrent_prepares_one_pull_one_build(daemon: IpuDaemon,
                      metrics, re.M)
     assert cold is not None and float(cold.group(1)) == 50.0
     pulled = re.search(r"^kata_ipu_pull_bytes_total (\S+)$", metrics, re.M)
-    images = json.loads(_cli(daemon, "images", "--json").stdout)
+    images = json.loads(daemon.cli("images", "--json").stdout)
     assert pulled is not None and float(pulled.group(1)) == float(images[0]["size_bytes"])
 
 
 def test_kill_9_then_restart_recovers(daemon: IpuDaemon, registry: RegistryServer,
                                       tmp_path: Path) -> None:
     ref = f"{registry.address}/e2e/busybox:v1"
-    kept = json.loads(_cli(daemon, "prepare", "--id", "keep", ref, "--json").stdout)
+    kept = json.loads(daemon.cli("prepare", "--id", "keep", ref, "--json").stdout)
     daemon.kill()
     # a half-done build left by the crash must be cleaned up by recovery
     build = daemon.root / "block" / "data" / "build"
@@ -216,13 +213,13 @@ def test_kill_9_then_restart_recovers(daemon: IpuDaemon, registry: RegistryServe
     daemon.start()
     log = daemon.log.read_text()
     assert "removed partial build deadbeef-ext4.img" in log
-    listed = json.loads(_cli(daemon, "ls", "--json").stdout)
+    listed = json.loads(daemon.cli("ls", "--json").stdout)
     assert [r["container_id"] for r in listed] == ["keep"]
     assert listed[0]["path"] == kept["path"] and os.path.exists(kept["path"])
-    again = json.loads(_cli(daemon, "prepare", "--id", "keep", ref, "--json").stdout)
+    again = json.loads(daemon.cli("prepare", "--id", "keep", ref, "--json").stdout)
     assert again["path"] == kept["path"]
-    assert _cli(daemon, "release", "keep").returncode == 0
-    assert not _our_loops(tmp_path / "root" / "block" / "data")  # only the pool itself
+    assert daemon.cli("release", "keep").returncode == 0
+    assert not daemon.volume_loops()  # only the pool itself
 
 
 def test_garbage_oversize_and_disconnects_leave_the_daemon_serving(
@@ -249,13 +246,13 @@ def test_garbage_oversize_and_disconnects_leave_the_daemon_serving(
     proc.kill()
     proc.wait()
     # the daemon keeps serving; "gone" is either fully prepared or absent, never half-made
-    listed = json.loads(_cli(daemon, "ls", "--json").stdout)
+    listed = json.loads(daemon.cli("ls", "--json").stdout)
     assert [r["container_id"] for r in listed] in ([], ["gone"])
-    dev = json.loads(_cli(daemon, "prepare", "--id", "after", ref, "--json").stdout)
+    dev = json.loads(daemon.cli("prepare", "--id", "after", ref, "--json").stdout)
     assert Path(dev["path"]).exists()
     for cid in ("gone", "after"):
-        _cli(daemon, "release", cid)
-    assert not _our_loops(daemon.root / "block" / "data")
+        daemon.cli("release", cid)
+    assert not daemon.volume_loops()
 
 
 def test_bases_without_clones_are_evicted_above_the_high_water_mark(
@@ -264,17 +261,17 @@ def test_bases_without_clones_are_evicted_above_the_high_water_mark(
     d.start()
     try:
         v1, v2 = (f"{registry.address}/e2e/busybox:{t}" for t in ("v1", "v2"))
-        _cli(d, "prepare", "--id", "c1", v1)
-        _cli(d, "release", "c1")  # v1's base is now unused
-        _cli(d, "prepare", "--id", "c2", v2)  # building v2 pushes the pool over the mark
+        d.cli("prepare", "--id", "c1", v1)
+        d.cli("release", "c1")  # v1's base is now unused
+        d.cli("prepare", "--id", "c2", v2)  # building v2 pushes the pool over the mark
         bases = {i["name"]: len(i.get("bases", [])) for i in
-                 json.loads(_cli(d, "images", "--json").stdout)}
+                 json.loads(d.cli("images", "--json").stdout)}
         assert bases == {v1: 0, v2: 1}
         assert "base evicted above the high-water mark" in d.log.read_text()
-        again = json.loads(_cli(d, "prepare", "--id", "c3", v1, "--json").stdout)
+        again = json.loads(d.cli("prepare", "--id", "c3", v1, "--json").stdout)
         assert again["cold"] is True  # rebuilt from the cached blobs; v2 (in use) stays
         bases = {i["name"]: len(i.get("bases", [])) for i in
-                 json.loads(_cli(d, "images", "--json").stdout)}
+                 json.loads(d.cli("images", "--json").stdout)}
         assert bases == {v1: 1, v2: 1}
     finally:
         d.teardown()
