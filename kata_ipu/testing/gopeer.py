@@ -13,14 +13,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from kata_ipu.testing.cache import cache_dir
+
 SOURCE_DIR = Path(__file__).with_name("goecho")
 GOCODE = "/usr/share/gocode"
-
-
-def cache_dir() -> Path:
-    path = Path(os.environ.get("KATA_IPU_TEST_CACHE", "/var/cache/kata-ipu-tests"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def build_goecho() -> Path:

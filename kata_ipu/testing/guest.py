@@ -22,7 +22,6 @@ Nothing runs at import time.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import gzip
 import hashlib
 import io
@@ -41,9 +40,9 @@ from pathlib import Path
 
 from kata_ipu.block.qsd import QmpLink
 from kata_ipu.executor import DEFAULT, CommandFailed, Executor
+from kata_ipu.testing.cache import cache_dir as test_cache_dir
+from kata_ipu.testing.cache import locked
 
-CACHE_ENV = "KATA_IPU_TEST_CACHE"
-DEFAULT_CACHE = "/var/cache/kata-ipu-tests"
 META_PACKAGE = "linux-image-cloud-amd64"
 
 DISK_PROBE_INIT = r"""#!/bin/busybox sh
@@ -88,19 +87,14 @@ done
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV, DEFAULT_CACHE)) / "guest"
+    return test_cache_dir("guest")
 
 
 @contextlib.contextmanager
 def _cache_lock(name: str) -> Iterator[Path]:
     base = cache_dir()
-    base.mkdir(parents=True, exist_ok=True)
-    fd = os.open(base / f".{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with locked(base / f".{name}.lock"):
         yield base
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)

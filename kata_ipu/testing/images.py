@@ -10,20 +10,17 @@ Nothing here runs at import time.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
-import os
 import random
 import shutil
 import subprocess
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
+from kata_ipu.testing.cache import cache_dir, locked
 from kata_ipu.testing.ocibuild import (
     MT_CONFIG,
     MT_MANIFEST,
@@ -33,8 +30,6 @@ from kata_ipu.testing.ocibuild import (
     busybox_tree,
 )
 
-CACHE_ENV = "KATA_IPU_TEST_CACHE"
-DEFAULT_CACHE = "/var/cache/kata-ipu-tests"
 DEBIAN_SUITE = "bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 
@@ -44,21 +39,6 @@ CAP_NET_BIND_SERVICE = (
 )
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV, DEFAULT_CACHE))
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def debian_minbase_tree(timeout: float = 900.0) -> Path:
     """A ``debootstrap --variant=minbase`` tree, built on first use and cached (needs root)."""
     base = cache_dir()
@@ -66,7 +46,7 @@ def debian_minbase_tree(timeout: float = 900.0) -> Path:
     stamp = final / ".kata-ipu-complete"
     if stamp.exists():
         return final / "rootfs"
-    with _locked(base / f".debian-{DEBIAN_SUITE}-minbase.lock"):
+    with locked(base / f".debian-{DEBIAN_SUITE}-minbase.lock"):
         if stamp.exists():
             return final / "rootfs"
         if final.exists():
@@ -186,7 +166,7 @@ def debian_minbase_layout(compression: Compression = "gzip") -> tuple[Path, str]
     final = base / f"oci-debian-{DEBIAN_SUITE}-minbase-{compression}"
     stamp = final / ".kata-ipu-complete"
     if not stamp.exists():
-        with _locked(base / f".oci-debian-minbase-{compression}.lock"):
+        with locked(base / f".oci-debian-minbase-{compression}.lock"):
             if not stamp.exists():
                 if final.exists():
                     shutil.rmtree(final)

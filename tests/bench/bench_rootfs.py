@@ -32,7 +32,8 @@ from pathlib import Path
 
 from kata_ipu.rootfs.builder import BuildConfig, RootfsBuilder
 from kata_ipu.rootfs.oci import OciLayoutSource
-from kata_ipu.testing.images import _locked, cache_dir, debian_minbase_tree
+from kata_ipu.testing.cache import cache_dir, locked
+from kata_ipu.testing.images import debian_minbase_tree
 from kata_ipu.testing.ocibuild import LayerBuilder, OciLayout
 
 MiB = 1 << 20
@@ -53,7 +54,7 @@ def bench_layout(name: str) -> tuple[Path, str]:
     stamp = final / ".kata-ipu-complete"
     if stamp.exists():
         return final, stamp.read_text().strip()
-    with _locked(cache_dir() / f".bench-{name}.lock"):
+    with locked(cache_dir() / f".bench-{name}.lock"):
         if not stamp.exists():
             print(f"[building cached bench image {name!r}: once, takes a while]", flush=True)
             layers = [LayerBuilder().tree(debian_minbase_tree()).build()]
