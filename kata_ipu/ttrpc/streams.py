@@ -70,7 +70,25 @@ class _Inbox:
         return item
 
 
-class ServerStream:
+class _Receiver:
+    """The receiving side shared by both stream ends: ``recv()`` and ``async for``."""
+
+    _inbox: _Inbox
+
+    async def recv(self) -> bytes | None:
+        return await self._inbox.get()
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        item = await self.recv()
+        if item is None:
+            raise StopAsyncIteration
+        return item
+
+
+class ServerStream(_Receiver):
     """The server's side of one stream: ``recv()`` client messages, ``send()`` replies."""
 
     def __init__(self, send: Callable[[int, bytes], Awaitable[None]], stream_id: int,
@@ -109,15 +127,6 @@ class ServerStream:
     async def send(self, data: bytes) -> None:
         await self._send(0, data)
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self
-
-    async def __anext__(self) -> bytes:
-        item = await self.recv()
-        if item is None:
-            raise StopAsyncIteration
-        return item
-
 
 StreamHandler = Callable[["CallContext", ServerStream], Awaitable[bytes | None]]
 
@@ -135,7 +144,7 @@ class StreamMethod:
     server_streaming: bool
 
 
-class ClientStream:
+class ClientStream(_Receiver):
     """The client's side of one stream."""
 
     def __init__(self, stream_id: int, send: Callable[[int, bytes], Awaitable[None]],
@@ -187,12 +196,3 @@ class ClientStream:
     async def recv(self) -> bytes | None:
         """The next server message; None at the end; raises the server's error status."""
         return await self._inbox.get()
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self
-
-    async def __anext__(self) -> bytes:
-        item = await self.recv()
-        if item is None:
-            raise StopAsyncIteration
-        return item
