@@ -89,11 +89,12 @@ def volume_key(namespace: str, container_id: str) -> str:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomically (a reader sees the old or the new record, never a torn one). Not fsynced:
+    the records live as long as the bundle, in containerd's state directory (a tmpfs under
+    /run), which a host crash empties anyway; kata-ipud's own recovery handles its side."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

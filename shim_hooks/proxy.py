@@ -5,10 +5,12 @@ Every call is forwarded to the delegate (``containerd-shim-runc-v2`` or
 remaining deadline; replies and error statuses come back unchanged. Two calls do more:
 
 ``Create``
-    The bundle's annotations name the image (:func:`shim_hooks.bundle.plan`). The proxy asks
-    kata-ipud to ``Prepare`` a clone, replaces ``CreateTaskRequest.rootfs`` with one mount of
-    the exported block device (``ext4 /dev/loopN``), points ``root.path`` at ``rootfs``, records
-    the volume in the bundle and forwards. runc's shim mounts that device as the container root;
+    The bundle's annotations name the image (:func:`shim_hooks.bundle.plan`). kata-ipud has
+    been asked to ``Prepare`` a clone while the delegate started (:class:`EarlyPrepare`; for
+    a pod's later containers, which share the proxy, the proxy asks now). The proxy replaces
+    ``CreateTaskRequest.rootfs`` with one mount of the exported block device (``ext4
+    /dev/loopN``), points ``root.path`` at ``rootfs``, records the volume in the bundle and
+    forwards. runc's shim mounts that device as the container root;
     Kata's shim sees a block device under ``/dev`` and hot-plugs it (virtio-blk) for the agent
     to mount. A failed forward releases the volume again. Without an image, or when the IPU
     refuses, Create fails with the reason, unless ``fallback = "passthrough"``.
@@ -34,7 +36,7 @@ from pathlib import Path
 
 from kata_ipu import log as jsonlog
 from kata_ipu.errors import KataIpuError
-from kata_ipu.ttrpc import NAMESPACE_KEY, CallContext, Client, Server
+from kata_ipu.ttrpc import NAMESPACE_KEY, CallContext, Client, Metadata, Server
 from kata_ipu.ttrpc.errors import ConnectionClosed
 from shim_hooks import bundle as bundles
 from shim_hooks import ipu
@@ -43,7 +45,9 @@ from shim_hooks.taskapi import (
     TASK_METHODS,
     TASK_SERVICE,
     CreateTaskRequest,
+    decode_connect_response,
     decode_id_request,
+    id_request,
     replace_rootfs,
 )
 
@@ -58,14 +62,103 @@ class _Volume:
     bundle: Path
 
 
+async def prepare(cfg: ShimConfig, namespace: str, cid: str, bundle: Path) -> ipu.Prepared | None:
+    """Have the IPU prepare container ``cid``'s rootfs, as its bundle asks.
+
+    None: leave the rootfs alone (a CRI sandbox). Raises :class:`bundles.NoImage` when the
+    container names no image, and the IPU's error (its gRPC class kept) when it refuses. The
+    volume is recorded in the bundle at once, so the ``delete`` action releases it even if
+    this process dies before ``Create`` is answered.
+    """
+    spec = bundles.read_spec(bundle)
+    plan = bundles.plan(spec, cfg.export)
+    if plan.image is None:
+        if plan.annotations.get(bundles.CONTAINER_TYPE) == "sandbox":
+            log.info("rootfs left alone: %s", plan.reason)
+            return None
+        raise bundles.NoImage(f"kata-ipu: container {cid} has {plan.reason}: "
+                              "the IPU cannot prepare its rootfs")
+    key = bundles.volume_key(namespace, cid)
+    t0 = time.monotonic()
+    sandbox = ({bundles.SANDBOX_ID: plan.annotations[bundles.SANDBOX_ID]}
+               if bundles.SANDBOX_ID in plan.annotations else {})
+    prepared = await ipu.prepare(
+        cfg.address, key, plan.image, plan.export,
+        {"containerd.io/namespace": namespace, "containerd.io/id": cid, **sandbox},
+        cfg.timeout)
+    bundles.write_json(bundle / bundles.VOLUME_RECORD, {**prepared.record(),
+                                                        "address": cfg.address})
+    log.info("rootfs prepared", extra={
+        "image": prepared.image, "device": prepared.path, "cold": prepared.cold,
+        "prepare_seconds": round(time.monotonic() - t0, 6)})
+    return prepared
+
+
+class EarlyPrepare:
+    """The outcome of :func:`prepare` run during ``start`` (before the proxy exists).
+
+    ``Create`` of the same container takes it (:meth:`result` returns the device or raises
+    what ``Prepare`` raised, as if ``Create`` had called it); if ``Create`` never comes, the
+    proxy releases the volume on its way out (:meth:`release_async`).
+    """
+
+    def __init__(self, cfg: ShimConfig, bundle: Path, prepared: ipu.Prepared | None,
+                 error: KataIpuError | None) -> None:
+        self.cfg = cfg
+        self.bundle = bundle
+        self._prepared = prepared
+        self._error = error
+
+    @classmethod
+    def run(cls, cfg: ShimConfig, namespace: str, cid: str, bundle: Path) -> EarlyPrepare:
+        """Run :func:`prepare` to completion in its own event loop (nothing is left running:
+        the caller forks next)."""
+        with jsonlog.bind(container_id=cid, namespace=namespace):
+            try:
+                prepared = asyncio.run(prepare(cfg, namespace, cid, bundle))
+            except KataIpuError as exc:
+                return cls(cfg, bundle, None, exc)
+        return cls(cfg, bundle, prepared, None)
+
+    def result(self) -> ipu.Prepared | None:
+        if self._error is not None:
+            raise self._error
+        return self._prepared
+
+    async def release_async(self) -> None:
+        prepared, self._prepared = self._prepared, None
+        if prepared is None:
+            return
+        try:
+            await ipu.release(self.cfg.address, prepared.key)
+        except (KataIpuError, OSError) as exc:
+            log.error("kata-ipu: the rootfs volume %s was not released: %s", prepared.key, exc)
+            return
+        bundles.remove(self.bundle / bundles.VOLUME_RECORD)
+        log.info("unused rootfs released", extra={"key": prepared.key})
+
+    def discard(self) -> None:
+        """Release synchronously (``start`` failed after the early ``Prepare``)."""
+        if self._prepared is not None:
+            asyncio.run(self.release_async())
+
+
 class TaskProxy:
     """Forwards the Task API to ``delegate``; owns the container → IPU volume mapping."""
 
-    def __init__(self, cfg: ShimConfig, delegate: Client, namespace: str) -> None:
+    def __init__(self, cfg: ShimConfig, delegate: Client, namespace: str,
+                 early: dict[str, EarlyPrepare] | None = None) -> None:
         self.cfg = cfg
         self.delegate = delegate
         self.namespace = namespace
         self.volumes: dict[str, _Volume] = {}
+        self.early: dict[str, EarlyPrepare] = dict(early or {})
+
+    async def close(self) -> None:
+        """Release what was prepared for a ``Create`` that never came."""
+        early, self.early = self.early, {}
+        for e in early.values():
+            await e.release_async()
 
     def handlers(self) -> dict[str, Handler]:
         out: dict[str, Handler] = {m: self._forwarder(m) for m in TASK_METHODS}
@@ -88,23 +181,14 @@ class TaskProxy:
         req = CreateTaskRequest.decode(payload)
         namespace = ctx.metadata.first(NAMESPACE_KEY) or self.namespace
         with jsonlog.bind(container_id=req.id, namespace=namespace):
+            early = self.early.pop(req.id, None)
             try:
-                spec = bundles.read_spec(req.bundle)
-                plan = bundles.plan(spec, self.cfg.export)
-                if plan.image is None:
-                    if plan.annotations.get(bundles.CONTAINER_TYPE) == "sandbox":
-                        log.info("rootfs left alone: %s", plan.reason)
-                        return await self.forward("Create", ctx, payload)
-                    raise bundles.NoImage(f"kata-ipu: container {req.id} has {plan.reason}: "
-                                          "the IPU cannot prepare its rootfs")
-                key = bundles.volume_key(namespace, req.id)
-                t0 = time.monotonic()
-                prepared = await ipu.prepare(
-                    self.cfg.address, key, plan.image, plan.export,
-                    {"containerd.io/namespace": namespace, "containerd.io/id": req.id,
-                     **({bundles.SANDBOX_ID: plan.annotations[bundles.SANDBOX_ID]}
-                        if bundles.SANDBOX_ID in plan.annotations else {})},
-                    self.cfg.timeout)
+                if early is not None and early.bundle == Path(req.bundle):
+                    prepared = early.result()
+                else:
+                    if early is not None:
+                        await early.release_async()
+                    prepared = await prepare(self.cfg, namespace, req.id, Path(req.bundle))
             except KataIpuError as exc:
                 if self.cfg.fallback == "passthrough":
                     log.warning("IPU rootfs unavailable, passing the original rootfs through: "
@@ -112,14 +196,12 @@ class TaskProxy:
                     return await self.forward("Create", ctx, payload)
                 log.error("%s", exc)
                 raise
+            if prepared is None:  # a CRI sandbox: its rootfs is the pause image's
+                return await self.forward("Create", ctx, payload)
             bundle = Path(req.bundle)
-            self.volumes[req.id] = _Volume(key, bundle)
-            bundles.write_json(bundle / bundles.VOLUME_RECORD,
-                               {**prepared.record(), "address": self.cfg.address})
-            log.info("rootfs prepared", extra={
-                "image": prepared.image, "device": prepared.path, "cold": prepared.cold,
-                "prepare_seconds": round(time.monotonic() - t0, 6)})
+            self.volumes[req.id] = _Volume(prepared.key, bundle)
             try:
+                spec = bundles.read_spec(bundle)
                 if (spec.get("root") or {}).get("path") != "rootfs":
                     bundles.set_root_path(bundle, "rootfs")
                 return await self.forward("Create", ctx,
@@ -158,10 +240,16 @@ class TaskProxy:
 
 
 async def serve(cfg: ShimConfig, delegate_address: str, listen: str, namespace: str,
-                ready: Callable[[], None]) -> None:
-    """Serve until the delegate goes away (or SIGTERM)."""
+                ready: Callable[[], None], *, cid: str = "", early: EarlyPrepare | None = None,
+                bundle: Path | None = None, record: dict[str, object] | None = None) -> None:
+    """Serve until the delegate goes away (or SIGTERM).
+
+    ``early`` is container ``cid``'s rootfs, prepared during ``start``. With ``bundle`` and
+    ``record``, the delegate's pid is added to the bundle's shim record once serving, so that
+    ``delete`` can stop a delegate whose proxy was killed.
+    """
     delegate = await Client.connect(delegate_address)
-    proxy = TaskProxy(cfg, delegate, namespace)
+    proxy = TaskProxy(cfg, delegate, namespace, {cid: early} if early is not None else None)
     server = Server()
     server.register(TASK_SERVICE, proxy.handlers())
     await server.listen(listen, mode=0o600)
@@ -171,6 +259,8 @@ async def serve(cfg: ShimConfig, delegate_address: str, listen: str, namespace: 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if bundle is not None and record is not None:
+        await _remember_delegate_pid(delegate, cid, namespace, bundle, record)
     closed = asyncio.ensure_future(delegate.wait_closed())
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait({closed, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -178,11 +268,25 @@ async def serve(cfg: ShimConfig, delegate_address: str, listen: str, namespace: 
     stopped.cancel()
     log.info("delegate gone, proxy exiting" if not stop.is_set() else "signalled, exiting")
     await server.shutdown(timeout=5)
+    await proxy.close()
     await delegate.close()
     if not stop.is_set():
         # The runc shim removes the socket named in <bundle>/address on exit, which is ours;
         # its own is left behind: remove it once nobody answers there.
         _remove_dead_socket(delegate_address)
+
+
+async def _remember_delegate_pid(delegate: Client, cid: str, namespace: str, bundle: Path,
+                                 record: dict[str, object]) -> None:
+    try:
+        reply = await delegate.call(TASK_SERVICE, "Connect", id_request(cid), timeout=5,
+                                    metadata=Metadata([(NAMESPACE_KEY, namespace)]))
+    except KataIpuError as exc:
+        log.debug("delegate Connect failed: %s", exc)
+        return
+    pid = decode_connect_response(reply)[0]
+    if pid:
+        bundles.write_json(bundle / bundles.SHIM_RECORD, {**record, "delegate_pid": pid})
 
 
 def _remove_dead_socket(address: str) -> None:

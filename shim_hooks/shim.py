@@ -4,11 +4,13 @@ containerd runs it with Go-style flags (``-namespace ns -address a -publish-bina
 [-bundle B] [-debug] start|delete``), cwd = the bundle:
 
 ``start``
-    Starts the delegate shim with the same flags and stdin (the runtime options), forks the
-    proxy (:mod:`shim_hooks.proxy`), which listens on its own socket, and prints that socket's
+    Starts the delegate shim with the same flags and stdin (the runtime options) and, while it
+    starts, asks kata-ipud to prepare the container's rootfs; forks the proxy
+    (:mod:`shim_hooks.proxy`), which listens on its own socket, and prints that socket's
     address alone on stdout once it listens. When the delegate answers with an address a proxy
     already serves (the runc shim groups a pod's containers), that proxy's address is printed
-    again.
+    again. With the resident server (:mod:`shim_hooks.server`) this runs in the server's forked
+    child, which becomes the proxy itself (:func:`serve_in_place`).
 ``delete``
     Cleanup after a dead shim: stops a delegate the dead proxy left running, runs the delegate's
     own ``delete``, releases the IPU volume recorded in the bundle, and writes the delegate's
@@ -16,7 +18,8 @@ containerd runs it with Go-style flags (``-namespace ns -address a -publish-bina
 
 Startup latency is on every container's critical path, so the module imports only what
 ``start``/``delete`` need; the proxy (asyncio, ttrpc, protobuf) is imported while the delegate
-starts, and the proxy process is a fork of ``start``, not a second interpreter.
+starts, and the proxy process is a fork of ``start``, not a second interpreter. The binary's
+entry point (:mod:`shim_hooks.launcher`) avoids even that when kata-ipu-shimd runs.
 """
 
 from __future__ import annotations
@@ -32,15 +35,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from types import ModuleType
+from typing import TYPE_CHECKING
 
 from kata_ipu.errors import KataIpuError
 from shim_hooks import bundle as bundles
 from shim_hooks import config as shimconfig
 from shim_hooks import runtimeopts, shimlog
-from shim_hooks.taskapi import TASK_SERVICE, DeleteResponse, decode_connect_response, id_request
+from shim_hooks.taskapi import DeleteResponse
+
+if TYPE_CHECKING:
+    from shim_hooks.proxy import EarlyPrepare
 
 log = logging.getLogger("shim_hooks.shim")
 
@@ -94,10 +100,27 @@ class ShimError(Exception):
     """``start``/``delete`` failed; the message goes to stderr for containerd's error."""
 
 
-def start(args: argparse.Namespace, cfg: shimconfig.ShimConfig) -> str:
+@dataclass
+class Launched:
+    """A started delegate: what ``start`` prints, and what its proxy needs to serve."""
+
+    address: str  # ours, for containerd
+    listen: str  # the socket path behind ``address``
+    delegate_address: str
+    record: dict[str, object]
+    early: EarlyPrepare | None  # the rootfs prepared while the delegate started
+    grouped: bool  # a proxy already serves this delegate (a pod's later container)
+
+
+def launch(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options: bytes) -> Launched:
+    """Start the delegate shim and, meanwhile, have the IPU prepare the container's rootfs.
+
+    The bundle's ``config.json`` is complete when containerd runs ``start``, so the rootfs of
+    container ``-id`` can be prepared while the delegate's own start runs; the proxy hands it
+    to ``Create`` (which otherwise would wait for ``Prepare`` itself).
+    """
     t0 = time.monotonic()
     bundle = Path(args.bundle or os.getcwd())
-    options = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
     opts = runtimeopts.parse(options)
     if opts.delegate is not None:  # the handler's runtime options are the most specific
         cfg = replace(cfg, delegate=opts.delegate)
@@ -107,33 +130,77 @@ def start(args: argparse.Namespace, cfg: shimconfig.ShimConfig) -> str:
     proc = subprocess.Popen(argv, cwd=bundle, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     assert proc.stdin is not None and proc.stdout is not None
-    with proc:
-        with contextlib.suppress(BrokenPipeError):
-            proc.stdin.write(runtimeopts.for_delegate(options, opts, cfg.delegate))
-            proc.stdin.close()
-        # load the proxy while the delegate starts: it is only needed from here on
-        from shim_hooks import proxy  # noqa: PLC0415 - deferred, see the module docstring
-        output = proc.stdout.read().decode(errors="replace").strip()
-        rc = proc.wait(START_TIMEOUT)
-    if rc != 0:
-        raise ShimError(f"delegate {binary} start failed (exit {rc}): {output}")
+    early: EarlyPrepare | None = None
+    try:
+        with proc:
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.write(runtimeopts.for_delegate(options, opts, cfg.delegate))
+                proc.stdin.close()
+            early = prepare_early(cfg, args.namespace, args.id, bundle)
+            output = proc.stdout.read().decode(errors="replace").strip()
+            rc = proc.wait(START_TIMEOUT)
+        if rc != 0:
+            raise ShimError(f"delegate {binary} start failed (exit {rc}): {output}")
+    except BaseException:
+        if early is not None:
+            early.discard()
+        raise
     t_delegate = time.monotonic() - t0
     delegate_address = output
     listen = proxy_socket(cfg, delegate_address)
     address = f"unix://{listen}"
     record: dict[str, object] = {"delegate": cfg.delegate, "delegate_binary": binary,
-              "delegate_address": delegate_address, "address": address,
-              "ipu_address": cfg.address}
+                                 "delegate_address": delegate_address, "address": address,
+                                 "ipu_address": cfg.address}
     bundles.write_json(bundle / bundles.SHIM_RECORD, record)
-    if _serving(listen):
+    grouped = _serving(listen)
+    if grouped:
         log.info("reusing the proxy of a grouped delegate", extra={"address": address})
+        if early is not None:  # only a new proxy can hand it to Create
+            early.discard()
+            early = None
     else:
         os.makedirs(cfg.socket_dir, mode=0o711, exist_ok=True)
-        _fork_proxy(lambda ready: _serve(proxy, args, cfg, bundle, record, ready))
     (bundle / "address").write_text(address)
-    log.info("shim started", extra={"address": address, "delegate_seconds": round(t_delegate, 6),
+    log.info("delegate started", extra={"address": address,
+                                        "delegate_seconds": round(t_delegate, 6)})
+    return Launched(address, listen, delegate_address, record, early, grouped)
+
+
+def prepare_early(cfg: shimconfig.ShimConfig, namespace: str, cid: str,
+                  bundle: Path) -> EarlyPrepare | None:
+    """Prepare container ``cid``'s rootfs now; None when ``Create`` should decide alone."""
+    from shim_hooks import proxy  # noqa: PLC0415 - deferred, see the module docstring
+
+    return proxy.EarlyPrepare.run(cfg, namespace, cid, bundle)
+
+
+def start(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options: bytes,
+          report: Callable[[str], None]) -> None:
+    """``start``: launch, then serve the proxy in a process of its own.
+
+    ``report(address)`` tells containerd the address once the proxy listens. In a plain
+    ``start`` process it prints, and the proxy is a forked child that outlives this process;
+    the resident server's child (:mod:`shim_hooks.server`) serves the proxy itself instead
+    (:func:`serve_in_place`).
+    """
+    t0 = time.monotonic()
+    launched = launch(args, cfg, options)
+    if not launched.grouped:
+        _fork_proxy(lambda ready: _serve(args, cfg, launched, ready))
+    report(launched.address)
+    log.info("shim started", extra={"address": launched.address,
                                     "start_seconds": round(time.monotonic() - t0, 6)})
-    return address
+
+
+def serve_in_place(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options: bytes,
+                   report: Callable[[str], None]) -> int:
+    """``start`` in a process that then becomes the proxy (no second fork)."""
+    launched = launch(args, cfg, options)
+    if launched.grouped:
+        report(launched.address)
+        return 0
+    return _serve(args, cfg, launched, lambda: report(launched.address))
 
 
 def _fork_proxy(serve: Callable[[Callable[[], None]], int]) -> None:
@@ -145,10 +212,7 @@ def _fork_proxy(serve: Callable[[Callable[[], None]], int]) -> None:
         try:
             os.close(r)
             os.setsid()
-            null = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):
-                os.dup2(null, fd)
-            os.close(null)
+            detach_stdio()
 
             def ready() -> None:
                 os.write(w, b"1")
@@ -166,38 +230,33 @@ def _fork_proxy(serve: Callable[[Callable[[], None]], int]) -> None:
         raise ShimError("kata-ipu proxy did not start; see the shim log")
 
 
-def _serve(proxy: ModuleType, args: argparse.Namespace, cfg: shimconfig.ShimConfig,
-           bundle: Path, record: dict[str, object], ready: Callable[[], None]) -> int:
+PROXY_NAME = "kata-ipu-proxy"
+
+
+def set_process_name(name: str) -> None:
+    """What ps and top show for the proxy (its argv is that of ``start`` or of the server)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/comm").write_text(name[:15])
+
+
+def detach_stdio() -> None:
+    """Point 0, 1 and 2 at /dev/null: containerd reads ``start``'s pipes until EOF."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def _serve(args: argparse.Namespace, cfg: shimconfig.ShimConfig, launched: Launched,
+           ready: Callable[[], None]) -> int:
     import asyncio  # noqa: PLC0415 - already loaded with the proxy
 
-    from kata_ipu.ttrpc import NAMESPACE_KEY, Client, Metadata  # noqa: PLC0415 - loaded
+    from shim_hooks import proxy  # noqa: PLC0415 - loaded by launch()
 
-    delegate_address = str(record["delegate_address"])
-
-    async def remember_delegate_pid() -> None:
-        """So that ``delete`` can stop a delegate whose proxy was killed."""
-        try:
-            async with await Client.connect(delegate_address, timeout=5) as c:
-                reply = await c.call(TASK_SERVICE, "Connect", id_request(args.id), timeout=5,
-                                     metadata=Metadata([(NAMESPACE_KEY, args.namespace)]))
-        except KataIpuError as exc:
-            log.debug("delegate Connect failed: %s", exc)
-            return
-        pid = decode_connect_response(reply)[0]
-        if pid:
-            bundles.write_json(bundle / bundles.SHIM_RECORD, {**record, "delegate_pid": pid})
-
-    async def main() -> None:
-        tasks: set[asyncio.Task[None]] = set()
-
-        def on_ready() -> None:
-            ready()
-            tasks.add(asyncio.ensure_future(remember_delegate_pid()))
-
-        await proxy.serve(cfg, delegate_address, str(record["address"]), args.namespace,
-                          on_ready)
-
-    asyncio.run(main())
+    set_process_name(PROXY_NAME)
+    asyncio.run(proxy.serve(cfg, launched.delegate_address, launched.listen, args.namespace,
+                            ready, cid=args.id, early=launched.early,
+                            bundle=Path(args.bundle or os.getcwd()), record=launched.record))
     return 0
 
 
@@ -293,7 +352,22 @@ def delete(args: argparse.Namespace, cfg: shimconfig.ShimConfig) -> bytes:
     return reply
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def read_options() -> bytes:
+    """The runtime options containerd writes on stdin (nothing from a terminal)."""
+    return b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
+
+
+def print_address(address: str) -> None:
+    sys.stdout.write(address)
+    sys.stdout.flush()
+
+
+def main(argv: Sequence[str] | None = None,
+         serve: Callable[[argparse.Namespace, shimconfig.ShimConfig, bytes,
+                          Callable[[str], None]], int | None] | None = None,
+         report: Callable[[str], None] = print_address) -> int:
+    """The shim binary. ``serve``/``report`` replace the fork-and-print of ``start`` in the
+    resident server's child (:func:`serve_in_place`)."""
     args = build_parser().parse_args(argv)
     if args.action is None:
         build_parser().error("an action is required: start or delete")
@@ -302,10 +376,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = shimconfig.load()
         if args.action == "start":
-            address = start(args, cfg)
-            sys.stdout.write(address)
-            sys.stdout.flush()
-            return 0
+            options = read_options()
+            if serve is None:
+                start(args, cfg, options, report)
+                return 0
+            return serve(args, cfg, options, report) or 0
         sys.stdout.buffer.write(delete(args, cfg))
         sys.stdout.flush()
         return 0

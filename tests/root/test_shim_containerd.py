@@ -95,8 +95,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         ctd: Containerd | None = None
         try:
             cfg = _write_shim_config(work / "shim.toml", work)
+            # the in-process start (no kata-ipu-shimd; tests/root/test_shim_server.py has it)
             ctd = Containerd(work / "ctd", env={"KATA_IPU_ADDRESS": ipud.address,
                                                 "KATA_IPU_DELEGATE": "runc",
+                                                "KATA_IPU_SHIM_SERVER": "",
                                                 "KATA_IPU_SHIM_CONFIG": str(cfg)}).start()
             e = Env(work, reg, ipud, ctd, cfg)
             for ref in (e.ref, e.fresh_ref):

@@ -42,6 +42,7 @@ def setup(tmp_path: Path) -> tuple[Path, dict[str, str]]:
                    f'runc = "{runc}"\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith("KATA_IPU_")}
     env["KATA_IPU_SHIM_CONFIG"] = str(cfg)
+    env["KATA_IPU_SHIM_SERVER"] = ""  # in-process start (test_shim_launcher has the hand-off)
     return bundle, env
 
 

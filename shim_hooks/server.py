@@ -1,0 +1,362 @@
+"""``kata-ipu-shimd``: the resident parent of the shim's ``start`` (a fork server).
+
+containerd runs ``containerd-shim-kata-ipu-v2 start`` for every container and waits for the
+address it prints. A fresh Python process spends ~100 ms importing asyncio, protobuf and the
+ttrpc code before doing anything; this server has them imported once, and every ``start`` is
+a ``fork()`` of it instead (docs/adr/0004-resident-shim-server.md).
+
+Lifecycle::
+
+    preload → listen (SOCK_SEQPACKET, mode 0600) → READY=1 → serving
+    serving: accept → peer check (SO_PEERCRED: our uid) → receive the hand-off (one message +
+             the launcher's stdin/stdout/stderr, :mod:`shim_hooks.handoff`) → fork → close our
+             copies → serving
+    SIGTERM/SIGINT → stop accepting, remove the socket, exit 0
+
+The children are the proxies of live containers. Stopping or killing the server does not touch
+them (the systemd unit says ``KillMode=process``, as containerd's own does): they keep serving
+containerd and exit with their delegate; a new server only serves new ``start``\\ s.
+
+A child becomes what containerd would have started: a new session, the launcher's stdio,
+environment, working directory, umask, rlimits, OOM score and cgroups (:mod:`procctx`). It
+then runs the shim's ``start`` (:func:`shim_hooks.shim.main` with
+:func:`~shim_hooks.shim.serve_in_place`), writes the address on the launcher's stdout, closes
+the launcher's descriptors, sends the exit status, and goes on serving as the proxy. A bad
+hand-off is logged and refused; the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import FrameType
+
+from kata_ipu import log as jsonlog
+from kata_ipu.daemon import notify
+from shim_hooks import handoff, procctx
+from shim_hooks.launcher import DEFAULT_SERVER
+
+log = logging.getLogger("shim_hooks.server")
+
+RECEIVE_TIMEOUT = 5.0  # the launcher sends right after connecting
+BACKLOG = 128
+
+
+class ServerError(Exception):
+    """The server cannot start (its socket is in use, its directory cannot be made...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_of(conn: socket.socket) -> Peer:
+    pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                        struct.calcsize("3i")))
+    return Peer(pid, uid, gid)
+
+
+def preload() -> None:
+    """Import what a ``start`` and its proxy need, once, before any fork."""
+    import asyncio  # noqa: F401, PLC0415
+
+    from shim_hooks import proxy, shim  # noqa: F401, PLC0415
+    # Objects that live as long as the server would be touched by the children's collector
+    # and copied page by page; frozen, they stay shared.
+    gc.collect()
+    gc.freeze()
+
+
+def bind(path: str) -> socket.socket:
+    """Listen on ``path``, replacing a stale socket file but never a live server."""
+    os.makedirs(os.path.dirname(path) or ".", mode=0o711, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        if os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            with probe:
+                try:
+                    probe.connect(path)
+                except OSError:
+                    os.unlink(path)  # nobody listens: a dead server's file
+                else:
+                    raise ServerError(f"{path}: another kata-ipu-shimd is serving there")
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        sock.listen(BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def receive(conn: socket.socket) -> tuple[handoff.Request, list[int]]:
+    """One hand-off message and its three descriptors; closes any received fd on error."""
+    conn.settimeout(RECEIVE_TIMEOUT)
+    data, ancdata, flags, _ = conn.recvmsg(handoff.MAX_MESSAGE + 1,
+                                           socket.CMSG_SPACE(handoff.FDS * 4))
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % 4
+            fds += list(struct.unpack(f"{usable // 4}i", payload[:usable]))
+    try:
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            raise handoff.HandoffError("message or descriptors truncated")
+        if len(fds) != handoff.FDS:
+            raise handoff.HandoffError(f"{len(fds)} descriptors instead of {handoff.FDS}")
+        return handoff.decode(data), fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+class ShimServer:
+    """Keeps ``spares`` pre-forked children waiting on ``path``; each takes one ``start``.
+
+    A child forked only when a ``start`` arrives would spend milliseconds on copy-on-write
+    faults as it first touches the interpreter's objects; a spare takes those (and warms the
+    code path) while idle. Spares accept on the shared listening socket themselves; the one
+    that gets a connection tells the server (a pid on the ``taken`` pipe), which forks its
+    replacement. A spare exits when the server is gone (EOF on the ``alive`` pipe).
+    """
+
+    def __init__(self, path: str, spares: int = 1) -> None:
+        self.path = path
+        self.spares = max(1, spares)
+        self._sock: socket.socket | None = None
+        self._stopping = False
+        self._idle: set[int] = set()
+        self._taken_r = self._taken_w = self._alive_r = self._alive_w = -1
+        self._wake_r = self._wake_w = -1
+        self.children = 0  # forked so far (for the log)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def listen(self) -> None:
+        preload()
+        self._sock = bind(self.path)
+        self._taken_r, self._taken_w = os.pipe2(os.O_CLOEXEC)
+        self._alive_r, self._alive_w = os.pipe2(os.O_CLOEXEC)
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        signal.set_wakeup_fd(self._wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # reaped in the loop (wake-up fd)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_stop)
+        log.info("kata-ipu-shimd serving", extra={"socket": self.path, "pid": os.getpid(),
+                                                  "spares": self.spares})
+
+    def _on_stop(self, signum: int, _frame: FrameType | None) -> None:
+        self._stopping = True
+
+    def close(self) -> None:
+        if self._sock is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self._sock.close()
+        self._sock = None
+        for pid in self._idle:  # idle spares hold nothing of a container: stop them
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        self._reap()
+        for fd in (self._taken_r, self._taken_w, self._alive_r, self._alive_w, self._wake_r,
+                   self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        log.info("kata-ipu-shimd stopped", extra={"children": self.children})
+
+    def serve_forever(self) -> None:
+        assert self._sock is not None, "listen() first"
+        while not self._stopping:
+            while len(self._idle) < self.spares:
+                self._fork_spare()
+            readable, _, _ = select.select([self._taken_r, self._wake_r], [], [])
+            if self._wake_r in readable:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 512)
+                self._reap()
+            if self._taken_r in readable:
+                for (pid,) in struct.iter_unpack("i", _read_whole(self._taken_r)):
+                    self._idle.discard(pid)
+
+    def _reap(self) -> None:
+        with contextlib.suppress(ChildProcessError):
+            while True:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+                if pid <= 0:
+                    break
+                if pid in self._idle:
+                    log.warning("a spare exited while idle", extra={"child": pid})
+                    self._idle.discard(pid)
+
+    def _fork_spare(self) -> None:
+        pid = os.fork()
+        if pid == 0:
+            rc = 1
+            try:
+                rc = self._spare()
+            except BaseException:
+                log.exception("spare failed")
+            finally:
+                os._exit(rc)
+        self._idle.add(pid)
+        self.children += 1
+
+    # -- in a spare -------------------------------------------------------------------------
+    def _spare(self) -> int:
+        assert self._sock is not None
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        for fd in (self._taken_r, self._alive_w, self._wake_r, self._wake_w):
+            os.close(fd)
+        warm_up()
+        self._sock.setblocking(False)
+        while True:
+            listening = self._sock.fileno()
+            readable, _, _ = select.select([listening, self._alive_r], [], [])
+            if self._alive_r in readable:
+                return 0  # the server is gone: a spare serves nobody alone
+            try:
+                conn, _ = self._sock.accept()
+            except BlockingIOError:
+                continue  # another spare took it
+            break
+        os.write(self._taken_w, struct.pack("i", os.getpid()))
+        # A proxy holding the listening socket would keep it connectable after the server
+        # is gone, and launchers would queue there forever.
+        for fd in (self._taken_w, self._alive_r):
+            os.close(fd)
+        self._sock.close()
+        conn.setblocking(True)
+        with conn:
+            return self.handle(conn)
+
+    def handle(self, conn: socket.socket) -> int:
+        """One hand-off, in the spare that accepted it; returns the exit status."""
+        try:
+            peer = peer_of(conn)
+            if peer.uid != os.getuid():
+                raise handoff.HandoffError(f"peer uid {peer.uid} is not {os.getuid()}")
+            request, fds = receive(conn)
+        except (handoff.HandoffError, OSError) as exc:
+            log.warning("refused a start hand-off: %s", exc)
+            return 1
+        log.debug("start", extra={"peer": peer.pid, "argv": request.argv})
+        return _child(conn, request, fds, peer)
+
+
+def _read_whole(fd: int) -> bytes:
+    """Whole pids from the taken pipe (writes of 4 bytes are atomic)."""
+    return os.read(fd, 4096)
+
+
+def warm_up() -> None:
+    """Touch, in an idle spare, what a ``start`` touches, so that its copy-on-write faults and
+    first-call costs are paid before a container waits for them."""
+    import asyncio  # noqa: PLC0415 - preloaded
+
+    from shim_hooks import config, runtimeopts, shim  # noqa: PLC0415 - preloaded
+
+    shim.build_parser().parse_args(["-namespace", "n", "-id", "i", "start"])
+    with contextlib.suppress(config.ConfigError):
+        config.load()
+    runtimeopts.parse(b"")
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(asyncio.sleep(0))
+    loop.close()
+    gc.collect()
+
+
+def _child(conn: socket.socket, request: handoff.Request, fds: list[int], peer: Peer) -> int:
+    """The forked ``start``: becomes the container's proxy; returns its exit status."""
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    os.setsid()
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115 - the process's own
+    sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
+    reported = False
+
+    def report(address: str) -> None:
+        nonlocal reported
+        os.write(1, address.encode())
+        from shim_hooks.shim import detach_stdio  # noqa: PLC0415 - preloaded
+
+        detach_stdio()
+        with contextlib.suppress(OSError):
+            conn.send(handoff.encode_status(0))
+        conn.close()
+        reported = True
+
+    try:
+        procctx.adopt(peer.pid, request.env, request.cwd)
+    except procctx.ContextError as exc:
+        os.write(2, f"kata-ipu-shimd: {exc}\n".encode())
+        conn.send(handoff.encode_status(1))
+        return 1
+    from shim_hooks import shim  # noqa: PLC0415 - preloaded
+
+    rc = shim.main(request.argv[1:], serve=shim.serve_in_place, report=report)
+    if not reported:
+        with contextlib.suppress(OSError):
+            sys.stderr.flush()
+            conn.send(handoff.encode_status(rc))
+    return rc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kata-ipu-shimd",
+        description="Resident fork server for containerd-shim-kata-ipu-v2 start: keeps the "
+        "shim's code loaded so each container's start is a fork, not a Python start-up.")
+    p.add_argument("--socket", default=os.environ.get("KATA_IPU_SHIM_SERVER") or
+                   DEFAULT_SERVER, help="hand-off socket (default %(default)s; the shim "
+                   "finds it there or at $KATA_IPU_SHIM_SERVER)")
+    p.add_argument("--spares", type=int, default=1, metavar="N",
+                   help="pre-forked children kept waiting for a start (default %(default)s)")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    jsonlog.setup(getattr(logging, args.log_level.upper()), sys.stderr)
+    server = ShimServer(args.socket, args.spares)
+    try:
+        server.listen()
+    except (ServerError, OSError) as exc:
+        log.error("kata-ipu-shimd cannot start: %s", exc)
+        return 1
+    notify.ready(f"serving {args.socket}")
+    try:
+        server.serve_forever()
+    finally:
+        notify.stopping()
+        server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

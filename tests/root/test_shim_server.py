@@ -1,0 +1,291 @@
+"""kata-ipu-shimd: containerd's ``start`` of the kata-ipu shim handed to the resident server.
+
+Real containerd (Debian's 1.6) on a private socket, its runc shim and runc, the registry,
+kata-ipud and the server, started with resource limits containerd does not have, so that a
+container that inherits the server's context instead of containerd's is caught. Both
+launchers are driven by containerd: the Python console script and the native one
+(scripts/build-launcher) put first on containerd's PATH. The oracles are the kernel's: the
+container's ``/proc/<pid>/mounts`` and ``limits``, the proxy's parent pid, ``/proc/mounts``
+and the daemon's volume list for leaks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from kata_ipu.testing.containerd import Containerd, mounts_under
+from kata_ipu.testing.daemon import IpuDaemon
+from kata_ipu.testing.ocibuild import LayerBuilder, OciLayout, busybox_tree
+from kata_ipu.testing.prereq import require_programs, require_root
+from kata_ipu.testing.registry import RegistryServer, push
+from shim_hooks.shim import PROXY_NAME
+from tests.root.test_shim_containerd import _root_mount, _task, _wait_status
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNTIME = "io.containerd.kata-ipu.v2"
+IMAGE_ANN = "io.katacontainers.ipu.image"
+SERVER = str(Path(sys.executable).with_name("kata-ipu-shimd"))
+CLI = str(Path(sys.executable).with_name("kata-ipu"))
+# RLIMIT_CORE of the server (a soft limit containerd does not have; raising a hard limit
+# needs CAP_SYS_RESOURCE, which a nested container's root may lack)
+SERVER_CORE_SOFT = 4096
+
+
+class Server:
+    """kata-ipu-shimd on a private socket, with limits that differ from containerd's."""
+
+    def __init__(self, work: Path) -> None:
+        self.socket = work / "shimd.sock"
+        self.log = work / "shimd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Server:
+        def limits() -> None:
+            hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
+            resource.setrlimit(resource.RLIMIT_CORE, (SERVER_CORE_SOFT, hard))
+
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [SERVER, "--socket", str(self.socket), "--log-level", "debug"],
+                stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=limits)  # noqa: PLW1509 - only the main thread forks here
+        deadline = time.monotonic() + 30
+        while not self.serving():
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, "kata-ipu-shimd did not start"
+            time.sleep(0.05)
+        return self
+
+    def serving(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            try:
+                s.connect(str(self.socket))
+            except OSError:
+                return False
+            return True
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def children(self) -> list[int]:
+        return [int(p) for p in Path(f"/proc/{self.pid}/task/{self.pid}/children")
+                .read_text().split()]
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+        self.proc = None
+
+
+class Env:
+    def __init__(self, work: Path, ipud: IpuDaemon, ref: str) -> None:
+        self.work = work
+        self.ipud = ipud
+        self.ref = ref
+
+    def volumes(self) -> list[str]:
+        out = subprocess.run([CLI, "--address", self.ipud.address, "ls", "--json"],
+                             capture_output=True, text=True, check=True, timeout=60)
+        return [str(v["container_id"]) for v in json.loads(out.stdout)]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    require_root()
+    require_programs("containerd", "ctr", "containerd-shim-runc-v2", "runc", "docker-registry",
+                     "skopeo", "mkfs.ext4", "mkfs.xfs", "busybox", "cc")
+    work = tmp_path_factory.mktemp("shimd")
+    for d in ("reg", "ipud"):
+        (work / d).mkdir()
+    with RegistryServer(work / "reg") as reg:
+        layout = OciLayout(work / "oci")
+        base = LayerBuilder().tree(busybox_tree(work / "tree")).build()
+        layout.add_image([base, LayerBuilder().file("etc/motd", b"via kata-ipu-shimd\n")
+                          .build()], ref="v1")
+        push(work / "oci", "v1", f"{reg.address}/shimd/busybox:v1")
+        ipud = IpuDaemon(work / "ipud", pool_size="2G", insecure_registries=(reg.address,))
+        ipud.start()
+        try:
+            (work / "shim.toml").write_text(f'socket_dir = "{work}/s"\n')
+            subprocess.run([str(ROOT / "scripts" / "build-launcher"),
+                            str(work / "native" / "containerd-shim-kata-ipu-v2"),
+                            str(Path(sys.executable).with_name("containerd-shim-kata-ipu-v2"))],
+                           check=True, capture_output=True, timeout=120)
+            yield Env(work, ipud, f"{reg.address}/shimd/busybox:v1")
+        finally:
+            ipud.teardown()
+    assert str(work) not in Path("/proc/mounts").read_text(), "mounts leaked"
+
+
+@pytest.fixture
+def server(env: Env, tmp_path: Path) -> Iterator[Server]:
+    s = Server(tmp_path).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(params=["python", "native"])
+def ctd(request: pytest.FixtureRequest, env: Env, server: Server) -> Iterator[Containerd]:
+    bins = [str(Path(sys.executable).parent)]
+    if request.param == "native":
+        bins.insert(0, str(env.work / "native"))
+    c = Containerd(env.work / f"ctd-{request.param}", bin_dirs=bins, env={
+        "KATA_IPU_ADDRESS": env.ipud.address, "KATA_IPU_DELEGATE": "runc",
+        "KATA_IPU_SHIM_CONFIG": str(env.work / "shim.toml"),
+        "KATA_IPU_SHIM_SERVER": str(server.socket)})
+    c.start()
+    try:
+        c.ctr("image", "pull", "--plain-http", env.ref, timeout=300)
+        yield c
+    finally:
+        c.teardown()
+        assert not mounts_under(c.workdir), "containerd mounts leaked"
+    assert env.volumes() == [], "IPU volumes leaked"
+    assert not _proxies_under(c.workdir), "proxy processes left running"
+
+
+def _proxies_under(workdir: Path) -> list[int]:
+    """kata-ipu proxies whose working directory (their bundle) is under ``workdir``."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if ((proc / "comm").read_text().strip() == PROXY_NAME and
+                        os.readlink(proc / "cwd").startswith(str(workdir))):
+                    out.append(int(proc.name))
+    return out
+
+
+def _limits(pid: int, name: str) -> tuple[str, str]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith(name):
+            soft, hard = line[len(name):].split()[:2]
+            return soft, hard
+    raise AssertionError(f"{name} not in /proc/{pid}/limits")
+
+
+def _as_limit(value: int) -> str:
+    return "unlimited" if value == resource.RLIM_INFINITY else str(value)
+
+
+def test_start_through_the_server_runs_on_the_ipu_device_in_containerds_context(
+        env: Env, server: Server, ctd: Containerd) -> None:
+    cid = "srv1"
+    run = ctd.ctr("run", "-d", "--runtime", RUNTIME, "--annotation", f"{IMAGE_ANN}={env.ref}",
+                  env.ref, cid, "sleep", "600", check=False)
+    assert run.returncode == 0, (run.stderr, server.log.read_text()[-3000:])
+    task = _task(ctd, cid)
+    assert task is not None and task[1] == "RUNNING"
+    source, fstype = _root_mount(task[0])
+    assert (source.startswith("/dev/loop"), fstype) == (True, "ext4"), (source, fstype)
+    assert env.volumes() == [f"{ctd.namespace}.{cid}"]
+    # the proxy is the server's child, not a process containerd started
+    (proxy,) = _proxies_under(ctd.workdir)
+    assert proxy in server.children()
+    # ...yet everything below it runs in containerd's context, not the server's
+    assert _limits(proxy, "Max core file size") == _limits(ctd.proc.pid if ctd.proc else 0,
+                                                           "Max core file size")
+    core = tuple(_as_limit(v) for v in resource.getrlimit(resource.RLIMIT_CORE))
+    assert _limits(task[0], "Max core file size") == core
+    assert core[0] != str(SERVER_CORE_SOFT)
+    assert _limits(server.pid, "Max core file size")[0] == str(SERVER_CORE_SOFT)
+    exe = ctd.ctr("task", "exec", "--exec-id", "e1", cid, "cat", "/etc/motd", check=False)
+    assert (exe.returncode, exe.stdout) == (0, "via kata-ipu-shimd\n")
+    ctd.ctr("task", "kill", "-s", "SIGKILL", cid)
+    _wait_status(ctd, cid, "STOPPED")
+    ctd.ctr("task", "delete", cid)
+    ctd.ctr("container", "rm", cid)
+    assert env.volumes() == []
+
+
+def test_concurrent_starts_through_the_server(env: Env, server: Server,
+                                              ctd: Containerd) -> None:
+    def run(i: int) -> subprocess.CompletedProcess[str]:
+        return ctd.ctr("run", "--rm", "--runtime", RUNTIME, "--annotation",
+                       f"{IMAGE_ANN}={env.ref}", env.ref, f"conc{i}", "sh", "-c",
+                       "head -n1 /etc/motd; grep ' / ' /proc/mounts | cut -d' ' -f1-3",
+                       check=False, timeout=120)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(run, range(8)))
+    assert [r.returncode for r in results] == [0] * 8, [r.stderr for r in results]
+    devices = set()
+    for r in results:
+        motd, mount = r.stdout.split("\n", 1)
+        assert motd == "via kata-ipu-shimd"
+        device, point, fstype = mount.split()
+        assert (device.startswith("/dev/loop"), point, fstype) == (True, "/", "ext4")
+        devices.add(device)
+    assert len(devices) >= 2  # not one shared device (loops are reused only once released)
+    assert "start" in server.log.read_text()
+
+
+def test_killed_server_leaves_running_containers_alone_and_start_falls_back(
+        env: Env, server: Server, ctd: Containerd) -> None:
+    cid = "srvkill"
+    ctd.ctr("run", "-d", "--runtime", RUNTIME, "--annotation", f"{IMAGE_ANN}={env.ref}",
+            env.ref, cid, "sleep", "600")
+    spares = server.children()
+    server.stop(signal.SIGKILL)
+    # the idle spare notices and exits; the proxy serves on
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{p}").exists() and p not in _proxies_under(ctd.workdir)
+              for p in spares):
+        assert time.monotonic() < deadline, "an idle spare outlived the server"
+        time.sleep(0.05)
+    assert server.socket.exists() and not server.serving()
+    ctd.ctr("task", "kill", "-s", "SIGKILL", cid)
+    _wait_status(ctd, cid, "STOPPED")
+    ctd.ctr("task", "delete", cid)
+    ctd.ctr("container", "rm", cid)
+    assert env.volumes() == []
+    # no server: the launcher runs the start in-process
+    out = ctd.ctr("run", "--rm", "--runtime", RUNTIME, "--annotation",
+                  f"{IMAGE_ANN}={env.ref}", env.ref, "after", "cat", "/etc/motd")
+    assert out.stdout == "via kata-ipu-shimd\n"
+
+
+@pytest.mark.parametrize("launcher", ["python"])
+def test_bad_hand_offs_are_refused_and_the_server_keeps_serving(
+        env: Env, server: Server, tmp_path: Path, launcher: str) -> None:
+    del launcher
+    for message, fds in [(b"garbage", [0, 1, 2]), (b"kata-ipu-shim-start/1\x001\x00a\x000\x00/",
+                                                   [])]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            s.connect(str(server.socket))
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                    b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))] if fds else []
+            s.sendmsg([message], anc)
+            s.settimeout(10)
+            assert s.recv(16) == b""  # refused: closed without a status
+    log = server.log.read_text()
+    assert "not a kata-ipu start hand-off" in log and "0 descriptors instead of 3" in log
+    # still serving a real start (through containerd)
+    c = Containerd(tmp_path / "ctd", env={
+        "KATA_IPU_ADDRESS": env.ipud.address, "KATA_IPU_DELEGATE": "runc",
+        "KATA_IPU_SHIM_CONFIG": str(env.work / "shim.toml"),
+        "KATA_IPU_SHIM_SERVER": str(server.socket)}).start()
+    try:
+        c.ctr("image", "pull", "--plain-http", env.ref, timeout=300)
+        out = c.ctr("run", "--rm", "--runtime", RUNTIME, "--annotation",
+                    f"{IMAGE_ANN}={env.ref}", env.ref, "good", "cat", "/etc/motd")
+        assert out.stdout == "via kata-ipu-shimd\n"
+    finally:
+        c.teardown()
+    assert env.volumes() == []
