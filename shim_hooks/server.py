@@ -37,6 +37,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import FrameType
@@ -49,6 +50,8 @@ from shim_hooks.launcher import DEFAULT_SERVER
 log = logging.getLogger("shim_hooks.server")
 
 RECEIVE_TIMEOUT = 5.0  # the launcher sends right after connecting
+SPARE_FAILURES = 5  # spares dying idle in a row before the server slows down
+SPARE_BACKOFF = 2.0
 BACKLOG = 128
 
 
@@ -146,6 +149,7 @@ class ShimServer:
         self._idle: set[int] = set()
         self._taken_r = self._taken_w = self._alive_r = self._alive_w = -1
         self._wake_r = self._wake_w = -1
+        self._idle_deaths = 0  # spares that died idle since one last served
         self.children = 0  # forked so far (for the log)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -172,12 +176,15 @@ class ShimServer:
             os.unlink(self.path)
         self._sock.close()
         self._sock = None
-        for pid in self._idle:  # idle spares hold nothing of a container: stop them
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        self._reap()
-        for fd in (self._taken_r, self._taken_w, self._alive_r, self._alive_w, self._wake_r,
-                   self._wake_w):
+        # Idle spares see EOF on the alive pipe and exit; one that has just accepted a start
+        # no longer watches it and carries on (a signal could hit it mid-start).
+        os.close(self._alive_w)
+        self._alive_w = -1
+        deadline = time.monotonic() + 5
+        while self._idle and time.monotonic() < deadline:
+            time.sleep(0.01)
+            self._reap()
+        for fd in (self._taken_r, self._taken_w, self._alive_r, self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
         log.info("kata-ipu-shimd stopped", extra={"children": self.children})
@@ -185,7 +192,13 @@ class ShimServer:
     def serve_forever(self) -> None:
         assert self._sock is not None, "listen() first"
         while not self._stopping:
-            while len(self._idle) < self.spares:
+            while len(self._idle) < self.spares and not self._stopping:
+                if self._idle_deaths >= SPARE_FAILURES:
+                    # spares die before serving anything (a broken install?): do not spin
+                    log.error("spares keep exiting while idle; retrying in %.0f s",
+                              SPARE_BACKOFF)
+                    time.sleep(SPARE_BACKOFF)
+                    self._idle_deaths = 0
                 self._fork_spare()
             readable, _, _ = select.select([self._taken_r, self._wake_r], [], [])
             if self._wake_r in readable:
@@ -195,16 +208,20 @@ class ShimServer:
             if self._taken_r in readable:
                 for (pid,) in struct.iter_unpack("i", _read_whole(self._taken_r)):
                     self._idle.discard(pid)
+                    self._idle_deaths = 0
 
     def _reap(self) -> None:
         with contextlib.suppress(ChildProcessError):
             while True:
-                pid, _status = os.waitpid(-1, os.WNOHANG)
+                pid, status = os.waitpid(-1, os.WNOHANG)
                 if pid <= 0:
                     break
                 if pid in self._idle:
-                    log.warning("a spare exited while idle", extra={"child": pid})
                     self._idle.discard(pid)
+                    if not self._stopping:
+                        self._idle_deaths += 1
+                        log.warning("a spare exited while idle",
+                                    extra={"child": pid, "status": status})
 
     def _fork_spare(self) -> None:
         pid = os.fork()

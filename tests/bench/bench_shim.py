@@ -1,17 +1,24 @@
 """``ctr run --rm`` to the container's first output line: kata-ipu vs plain runc (not a test).
 
-    .venv/bin/python -m tests.bench.bench_shim [--runs 5] [--payload-mib 64]
+    .venv/bin/python -m tests.bench.bench_shim [--runs 7] [--payload-mib 64]
 
 Everything is real and private: a registry on 127.0.0.1, kata-ipud with its pool, containerd
-1.6 on its own socket/root/state. The image is busybox plus one layer of ``--payload-mib`` of
-incompressible data. Printed side by side (never asserted):
+1.6 instances on their own sockets/roots, with their state directories on a tmpfs as
+containerd's ``/run/containerd`` is on a host, and kata-ipu-shimd on a private socket. The image
+is busybox plus one layer of ``--payload-mib`` of incompressible data. Printed side by side,
+runs interleaved (never asserted):
 
-* warm: plain ``io.containerd.runc.v2`` with the image already unpacked by containerd's
-  overlayfs snapshotter, vs ``io.containerd.kata-ipu.v2`` (delegate: runc shim) with the IPU's
-  base already built, vs ``kata-ipu-runtime`` as the runc shim's BinaryName;
-* cold: ``io.containerd.kata-ipu.v2`` on an image neither the IPU nor containerd has seen
-  (``ctr run --rootfs``: containerd pulls nothing, the IPU pulls and builds), vs ``ctr image
-  pull`` + ``ctr run`` of another never-seen image of the same shape.
+* warm, plain ``io.containerd.runc.v2`` with the image already unpacked by containerd's
+  overlayfs snapshotter — the baseline;
+* warm ``io.containerd.kata-ipu.v2`` (delegate: runc shim, IPU base already built), started
+  three ways: in-process (no server: the Python shim as before kata-ipu-shimd), through the
+  server from the Python launcher, through the server from the native launcher;
+* the proxy alone: the native launcher and server, no image annotation and ``fallback =
+  "passthrough"`` (the snapshotter's rootfs, no IPU) — what the proxy costs by itself;
+* ``kata-ipu-runtime`` as the runc shim's BinaryName;
+* cold: ``io.containerd.kata-ipu.v2`` (server, native launcher) on an image neither the IPU
+  nor containerd has seen (``ctr run --rootfs``: containerd pulls nothing, the IPU pulls and
+  builds), vs ``ctr image pull`` + ``ctr run`` of another never-seen image of the same shape.
 
 Goals (issue 7): warm <= 1.2x plain runc; cold <= 0.5x pull + run.
 """
@@ -19,12 +26,14 @@ Goals (issue 7): warm <= 1.2x plain runc; cold <= 0.5x pull + run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from kata_ipu.testing.containerd import Containerd
@@ -33,6 +42,9 @@ from kata_ipu.testing.ocibuild import LayerBuilder, OciLayout, busybox_tree
 from kata_ipu.testing.registry import RegistryServer, push
 
 ANN = "io.katacontainers.ipu.image"
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+CMD = ["/bin/sh", "-c", "echo ready"]  # absolute: --rootfs gives no image PATH
 
 
 def first_line(ctd: Containerd, *args: str) -> float:
@@ -50,14 +62,49 @@ def first_line(ctd: Containerd, *args: str) -> float:
     return elapsed
 
 
-def _row(name: str, times: list[float]) -> str:
+def _row(name: str, times: list[float], base: float | None = None) -> str:
     med = statistics.median(times)
-    return (f"{name:<52} {len(times):>4} {med:>8.3f} {min(times):>8.3f} {max(times):>8.3f}")
+    ratio = f"{med / base:>7.2f}x" if base else f"{'':>8}"
+    return (f"{name:<58} {len(times):>4} {med:>8.3f} {min(times):>8.3f} {max(times):>8.3f}"
+            f" {ratio}")
+
+
+@contextlib.contextmanager
+def containerd(work: Path, name: str, env: dict[str, str],
+               bin_dirs: list[str]) -> Iterator[Containerd]:
+    """A containerd whose state directory is a tmpfs (as /run/containerd is on a host)."""
+    state = work / name / "state"
+    state.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0711", "tmpfs", str(state)],
+                   check=True)
+    try:
+        with Containerd(work / name, env=env, bin_dirs=bin_dirs) as ctd:
+            yield ctd
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False, capture_output=True)
+
+
+@contextlib.contextmanager
+def shim_server(work: Path) -> Iterator[Path]:
+    sock = work / "shimd.sock"
+    with open(work / "shimd.log", "ab") as log:
+        proc = subprocess.Popen([str(BIN / "kata-ipu-shimd"), "--socket", str(sock)],
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((work / "shimd.log").read_text())
+            time.sleep(0.05)
+        yield sock
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench_shim")
-    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--runs", type=int, default=7)
     p.add_argument("--payload-mib", type=int, default=64)
     a = p.parse_args(argv)
     if os.geteuid() != 0:
@@ -65,8 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     with tempfile.TemporaryDirectory(prefix="bench-shim-") as tmp:
         work = Path(tmp)
-        for d in ("reg", "ipud", "ctd"):
+        for d in ("reg", "ipud"):
             (work / d).mkdir()
+        native = work / "native"
+        subprocess.run([str(ROOT / "scripts" / "build-launcher"),
+                        str(native / "containerd-shim-kata-ipu-v2"),
+                        str(BIN / "containerd-shim-kata-ipu-v2")], check=True,
+                       capture_output=True)
         with RegistryServer(work / "reg") as reg:
             layout = OciLayout(work / "oci")
             base = LayerBuilder().tree(busybox_tree(work / "tree")).build()
@@ -80,63 +132,78 @@ def main(argv: list[str] | None = None) -> int:
             ipud = IpuDaemon(work / "ipud", pool_size="4G", insecure_registries=(reg.address,))
             ipud.start()
             try:
-                (work / "shim.toml").write_text(f'socket_dir = "{work}/s"\n')
-                with Containerd(work / "ctd", env={
-                        "KATA_IPU_ADDRESS": ipud.address, "KATA_IPU_DELEGATE": "runc",
-                        "KATA_IPU_SHIM_CONFIG": str(work / "shim.toml")}) as ctd:
-                    return _bench(ctd, ipud, ref, a.runs, work, a.payload_mib)
+                (work / "shim.toml").write_text(f'socket_dir = "{work}/s"\n'
+                                                'fallback = "passthrough"\n')
+                env = {"KATA_IPU_ADDRESS": ipud.address, "KATA_IPU_DELEGATE": "runc",
+                       "KATA_IPU_SHIM_CONFIG": str(work / "shim.toml")}
+                with shim_server(work) as sock, \
+                        containerd(work, "inproc", {**env, "KATA_IPU_SHIM_SERVER": ""},
+                                   [str(BIN)]) as inproc, \
+                        containerd(work, "pylaunch", {**env, "KATA_IPU_SHIM_SERVER": str(sock)},
+                                   [str(BIN)]) as pylaunch, \
+                        containerd(work, "native", {**env, "KATA_IPU_SHIM_SERVER": str(sock)},
+                                   [str(native), str(BIN)]) as fast:
+                    return _bench(fast, pylaunch, inproc, ref, a.runs, work, a.payload_mib)
             finally:
                 ipud.teardown()
 
 
-def _bench(ctd: Containerd, ipud: IpuDaemon, ref: dict[str, str], runs: int, work: Path,
-           payload_mib: int) -> int:
-    ctd.ctr("image", "pull", "--plain-http", ref["warm"], timeout=600)
-    cmd = ["/bin/sh", "-c", "echo ready"]  # absolute: --rootfs gives no image PATH
+def _bench(fast: Containerd, pylaunch: Containerd, inproc: Containerd, ref: dict[str, str],
+           runs: int, work: Path, payload_mib: int) -> int:
+    for ctd in (fast, pylaunch, inproc):
+        ctd.ctr("image", "pull", "--plain-http", ref["warm"], timeout=600)
     n = iter(range(10**6))
 
-    def run(*extra: str, image: str = ref["warm"]) -> Callable[[], float]:
-        return lambda: first_line(ctd, "run", "--rm", *extra, image, f"b{next(n)}", *cmd)
+    def run(ctd: Containerd, *extra: str) -> Callable[[], float]:
+        return lambda: first_line(ctd, "run", "--rm", *extra, ref["warm"], f"b{next(n)}",
+                                  *CMD)
 
-    kata_ipu = run("--runtime", "io.containerd.kata-ipu.v2", "--annotation",
-                   f"{ANN}={ref['warm']}")
-    wrapper = run("--runtime", "io.containerd.runc.v2", "--runc-binary", "kata-ipu-runtime",
-                  "--annotation", f"{ANN}={ref['warm']}")
-    plain = run()
+    ipu = ("--runtime", "io.containerd.kata-ipu.v2", "--annotation", f"{ANN}={ref['warm']}")
+    variants: dict[str, Callable[[], float]] = {
+        "warm: io.containerd.runc.v2 (overlayfs, unpacked)": run(fast),
+        "warm: kata-ipu.v2, native launcher + kata-ipu-shimd": run(fast, *ipu),
+        "warm: kata-ipu.v2, Python launcher + kata-ipu-shimd": run(pylaunch, *ipu),
+        "warm: kata-ipu.v2, in-process start (no server)": run(inproc, *ipu),
+        "warm: kata-ipu.v2 proxy only (passthrough, no IPU)": run(
+            fast, "--runtime", "io.containerd.kata-ipu.v2"),
+        "warm: runc.v2 + kata-ipu-runtime (base built)": run(
+            inproc, "--runtime", "io.containerd.runc.v2", "--runc-binary", "kata-ipu-runtime",
+            "--annotation", f"{ANN}={ref['warm']}"),
+    }
     # warm-up: the IPU builds its base, page cache and binaries are hot for everyone
-    for fn in (plain, kata_ipu, wrapper):
+    for fn in variants.values():
         fn()
-    results: dict[str, list[float]] = {"plain": [], "kata-ipu": [], "wrapper": []}
+        fn()
+    results: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(runs):  # interleaved, so drift hits every variant alike
-        results["plain"].append(plain())
-        results["kata-ipu"].append(kata_ipu())
-        results["wrapper"].append(wrapper())
+        for name, fn in variants.items():
+            results[name].append(fn())
     # cold
     empty = work / "empty-rootfs"
     empty.mkdir()
-    cold_ipu = first_line(ctd, "run", "--rm", "--rootfs", "--runtime",
+    cold_ipu = first_line(fast, "run", "--rm", "--rootfs", "--runtime",
                           "io.containerd.kata-ipu.v2", "--annotation", f"{ANN}={ref['cold-ipu']}",
-                          str(empty), "cold-ipu", *cmd)
+                          str(empty), "cold-ipu", *CMD)
     t0 = time.monotonic()
-    ctd.ctr("image", "pull", "--plain-http", ref["cold-ctd"], timeout=600)
+    fast.ctr("image", "pull", "--plain-http", ref["cold-ctd"], timeout=600)
     pulled = time.monotonic() - t0
-    cold_ctd = pulled + first_line(ctd, "run", "--rm", ref["cold-ctd"], "cold-ctd", *cmd)
+    cold_ctd = pulled + first_line(fast, "run", "--rm", ref["cold-ctd"], "cold-ctd", *CMD)
 
     ver = subprocess.run(["containerd", "--version"], capture_output=True, text=True,
                          check=False).stdout
     print(f"ctr run --rm to the first output line; {ver.split()[2]} containerd, "
           f"image = busybox + {payload_mib} MiB payload layer, {os.cpu_count()} CPUs")
-    print(f"{'scenario':<52} {'runs':>4} {'median':>8} {'min':>8} {'max':>8}  (seconds)")
-    print(_row("warm: io.containerd.runc.v2 (overlayfs, unpacked)", results["plain"]))
-    print(_row("warm: io.containerd.kata-ipu.v2 (base built)", results["kata-ipu"]))
-    print(_row("warm: runc.v2 + kata-ipu-runtime (base built)", results["wrapper"]))
-    print(_row("cold: io.containerd.kata-ipu.v2 (IPU pulls+builds)", [cold_ipu]))
+    print(f"{'scenario':<58} {'runs':>4} {'median':>8} {'min':>8} {'max':>8} {'ratio':>8}"
+          "  (seconds; ratio of medians to plain runc)")
+    names = list(variants)
+    plain = statistics.median(results[names[0]])
+    for name in names:
+        print(_row(name, results[name], plain if name != names[0] else None))
+    print(_row("cold: kata-ipu.v2 (IPU pulls+builds; native + server)", [cold_ipu]))
     print(_row("cold: ctr image pull + ctr run (runc.v2)", [cold_ctd]))
-    plain_med = statistics.median(results["plain"])
-    for name in ("kata-ipu", "wrapper"):
-        ratio = statistics.median(results[name]) / plain_med
-        print(f"ratio warm {name} / plain runc: {ratio:.2f}x (goal <= 1.2x: "
-              f"{'met' if ratio <= 1.2 else 'MISSED'})")
+    ratio = statistics.median(results[names[1]]) / plain
+    print(f"ratio warm kata-ipu (native + server) / plain runc: {ratio:.2f}x (goal <= 1.2x: "
+          f"{'met' if ratio <= 1.2 else 'MISSED'})")
     ratio = cold_ipu / cold_ctd
     print(f"ratio cold kata-ipu / (pull + run): {ratio:.2f}x (goal <= 0.5x: "
           f"{'met' if ratio <= 0.5 else 'MISSED'}); pull alone took {pulled:.3f}s")

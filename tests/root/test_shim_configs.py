@@ -89,16 +89,20 @@ def test_kata_drop_in_enables_block_rootfs_on_q35() -> None:
     assert timeout is not None and int(timeout.group(1)) > 3
 
 
-def test_systemd_units_verify(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("name", "binary"), [("kata-ipud", "kata-ipud"),
+                                              ("kata-ipu-shimd", "kata-ipu-shimd")])
+def test_systemd_units_verify(tmp_path: Path, name: str, binary: str) -> None:
     require_programs("systemd-analyze")
-    unit = (CONFIGS / "systemd" / "kata-ipud.service").read_text()
+    unit = (CONFIGS / "systemd" / f"{name}.service").read_text()
     assert re.search(r"^Type=notify$", unit, re.M)
     assert re.search(r"^Before=containerd\.service$", unit, re.M)
+    # restarting the daemon must not kill what it serves (loop devices; proxies)
+    assert re.search(r"^KillMode=process$", unit, re.M)
     # systemd-analyze checks syntax and that ExecStart exists: point it at a real binary
-    service = tmp_path / "kata-ipud.service"
-    service.write_text(unit.replace("/usr/bin/kata-ipud", "/bin/true"))
+    service = tmp_path / f"{name}.service"
+    service.write_text(unit.replace(f"/usr/bin/{binary}", "/bin/true"))
     out = subprocess.run(["systemd-analyze", "verify", "--man=no", str(service)],
                          capture_output=True, text=True, check=False)
     problems = [line for line in out.stderr.splitlines()
-                if "kata-ipud.service" in line and "containerd.service" not in line]
+                if f"{name}.service" in line and "containerd.service" not in line]
     assert problems == [], out.stderr

@@ -15,10 +15,12 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +33,7 @@ from kata_ipu.testing.daemon import IpuDaemon
 from kata_ipu.testing.ocibuild import LayerBuilder, OciLayout, busybox_tree
 from kata_ipu.testing.prereq import require_programs, require_root
 from kata_ipu.testing.registry import RegistryServer, push
+from shim_hooks import handoff
 from shim_hooks.shim import PROXY_NAME
 from tests.root.test_shim_containerd import _root_mount, _task, _wait_status
 
@@ -289,3 +292,77 @@ def test_bad_hand_offs_are_refused_and_the_server_keeps_serving(
     finally:
         c.teardown()
     assert env.volumes() == []
+
+
+def test_lifecycle_ready_one_spare_and_a_clean_stop(tmp_path: Path) -> None:
+    require_root()
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(30)
+    sock = tmp_path / "shimd.sock"
+    proc = subprocess.Popen([SERVER, "--socket", str(sock)],
+                            env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")},
+                            stderr=subprocess.PIPE)
+    try:
+        assert b"READY=1" in notify.recv(4096)
+        assert sock.stat().st_mode & 0o777 == 0o600
+        deadline = time.monotonic() + 10
+        while not (children := Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+                   .read_text().split()):
+            assert time.monotonic() < deadline, "no spare was forked"
+            time.sleep(0.02)
+        (spare,) = map(int, children)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert b"STOPPING=1" in notify.recv(4096)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        notify.close()
+    assert not sock.exists()
+    assert not Path(f"/proc/{spare}").exists(), "the idle spare outlived the server"
+    assert b"kata-ipu-shimd stopped" in (proc.stderr.read() if proc.stderr else b"")
+
+
+def test_a_second_server_on_the_same_socket_is_refused(server: Server) -> None:
+    out = subprocess.run([SERVER, "--socket", str(server.socket)], capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert out.returncode == 1
+    assert "another kata-ipu-shimd is serving there" in out.stderr
+    assert server.serving()
+
+
+def test_a_start_from_another_user_is_refused() -> None:
+    require_root()
+    # a directory "nobody" can traverse (pytest's are 0700)
+    work = Path(tempfile.mkdtemp(prefix="kipu-shimd-", dir="/tmp"))
+    work.chmod(0o755)
+    server = Server(work).start()
+    try:
+        os.chmod(server.socket, 0o777)  # only to get past the file mode to the uid check
+
+        def as_nobody() -> None:
+            os.setgid(65534)
+            os.setuid(65534)
+
+        message = handoff.encode(["x", "start"], {}, b"/")
+        code = (
+            "import socket, sys\n"
+            "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
+            f"s.connect({str(server.socket)!r})\n"
+            "fds = b''.join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2))\n"
+            f"s.sendmsg([{message!r}], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])\n"
+            "try:\n"
+            "    print('status', repr(s.recv(16)))\n"
+            "except ConnectionResetError:\n"  # closed with the message unread
+            "    print('status', repr(b''))\n")
+        out = subprocess.run(["/usr/bin/python3", "-I", "-c", code], capture_output=True,
+                             text=True, timeout=60, check=False, cwd="/",
+                             preexec_fn=as_nobody)
+        assert out.stdout.strip() == "status b''", out.stderr  # no status: refused
+        assert "peer uid 65534 is not 0" in server.log.read_text()
+        assert server.serving()
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
