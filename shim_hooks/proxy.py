@@ -95,37 +95,61 @@ async def prepare(cfg: ShimConfig, namespace: str, cid: str, bundle: Path) -> ip
 
 
 class EarlyPrepare:
-    """The outcome of :func:`prepare` run during ``start`` (before the proxy exists).
+    """:func:`prepare` of container ``cid``, started during ``start`` (before ``Create``).
 
-    ``Create`` of the same container takes it (:meth:`result` returns the device or raises
-    what ``Prepare`` raised, as if ``Create`` had called it); if ``Create`` never comes, the
-    proxy releases the volume on its way out (:meth:`release_async`).
+    Either already finished (:meth:`run`, in a ``start`` process that forks the proxy next)
+    or still running in the proxy's own event loop (:meth:`begin`). ``Create`` of the same
+    container takes it (:meth:`result`: the device, or what ``Prepare`` raised, as if
+    ``Create`` had called it); if ``Create`` never comes, the proxy releases the volume on
+    its way out (:meth:`release_async`).
     """
 
-    def __init__(self, cfg: ShimConfig, bundle: Path, prepared: ipu.Prepared | None,
-                 error: KataIpuError | None) -> None:
+    def __init__(self, cfg: ShimConfig, bundle: Path,
+                 task: asyncio.Task[ipu.Prepared | None] | None = None) -> None:
         self.cfg = cfg
         self.bundle = bundle
-        self._prepared = prepared
-        self._error = error
+        self._task = task
+        self._prepared: ipu.Prepared | None = None
+        self._error: KataIpuError | None = None
 
     @classmethod
     def run(cls, cfg: ShimConfig, namespace: str, cid: str, bundle: Path) -> EarlyPrepare:
         """Run :func:`prepare` to completion in its own event loop (nothing is left running:
         the caller forks next)."""
+        early = cls(cfg, bundle)
         with jsonlog.bind(container_id=cid, namespace=namespace):
             try:
-                prepared = asyncio.run(prepare(cfg, namespace, cid, bundle))
+                early._prepared = asyncio.run(prepare(cfg, namespace, cid, bundle))
             except KataIpuError as exc:
-                return cls(cfg, bundle, None, exc)
-        return cls(cfg, bundle, prepared, None)
+                early._error = exc
+        return early
 
-    def result(self) -> ipu.Prepared | None:
+    @classmethod
+    def begin(cls, cfg: ShimConfig, namespace: str, cid: str, bundle: Path) -> EarlyPrepare:
+        """Start :func:`prepare` as a task of the running loop."""
+        async def bound() -> ipu.Prepared | None:
+            with jsonlog.bind(container_id=cid, namespace=namespace):
+                return await prepare(cfg, namespace, cid, bundle)
+
+        return cls(cfg, bundle, asyncio.ensure_future(bound()))
+
+    async def _settle(self) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        try:
+            self._prepared = await task
+        except KataIpuError as exc:
+            self._error = exc
+
+    async def result(self) -> ipu.Prepared | None:
+        await self._settle()
         if self._error is not None:
             raise self._error
         return self._prepared
 
     async def release_async(self) -> None:
+        await self._settle()
         prepared, self._prepared = self._prepared, None
         if prepared is None:
             return
@@ -138,7 +162,7 @@ class EarlyPrepare:
         log.info("unused rootfs released", extra={"key": prepared.key})
 
     def discard(self) -> None:
-        """Release synchronously (``start`` failed after the early ``Prepare``)."""
+        """Release synchronously (in a ``start`` process, after :meth:`run`)."""
         if self._prepared is not None:
             asyncio.run(self.release_async())
 
@@ -184,7 +208,7 @@ class TaskProxy:
             early = self.early.pop(req.id, None)
             try:
                 if early is not None and early.bundle == Path(req.bundle):
-                    prepared = early.result()
+                    prepared = await early.result()
                 else:
                     if early is not None:
                         await early.release_async()

@@ -100,7 +100,7 @@ class ShimError(Exception):
     """``start``/``delete`` failed; the message goes to stderr for containerd's error."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Launched:
     """A started delegate: what ``start`` prints, and what its proxy needs to serve."""
 
@@ -112,13 +112,20 @@ class Launched:
     grouped: bool  # a proxy already serves this delegate (a pod's later container)
 
 
-def launch(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options: bytes) -> Launched:
-    """Start the delegate shim and, meanwhile, have the IPU prepare the container's rootfs.
+@dataclass
+class Delegate:
+    """A delegate shim's ``start`` in flight."""
 
-    The bundle's ``config.json`` is complete when containerd runs ``start``, so the rootfs of
-    container ``-id`` can be prepared while the delegate's own start runs; the proxy hands it
-    to ``Create`` (which otherwise would wait for ``Prepare`` itself).
-    """
+    proc: subprocess.Popen[bytes]
+    binary: str
+    cfg: shimconfig.ShimConfig  # with the delegate the runtime options chose
+    bundle: Path
+    t0: float
+
+
+def spawn_delegate(args: argparse.Namespace, cfg: shimconfig.ShimConfig,
+                   options: bytes) -> Delegate:
+    """Run the delegate's ``start`` with containerd's flags and (translated) options."""
     t0 = time.monotonic()
     bundle = Path(args.bundle or os.getcwd())
     opts = runtimeopts.parse(options)
@@ -129,65 +136,65 @@ def launch(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options: bytes)
     log.info("starting delegate", extra={"delegate": cfg.delegate, "argv": argv})
     proc = subprocess.Popen(argv, cwd=bundle, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
-    assert proc.stdin is not None and proc.stdout is not None
-    early: EarlyPrepare | None = None
-    try:
-        with proc:
-            with contextlib.suppress(BrokenPipeError):
-                proc.stdin.write(runtimeopts.for_delegate(options, opts, cfg.delegate))
-                proc.stdin.close()
-            early = prepare_early(cfg, args.namespace, args.id, bundle)
-            output = proc.stdout.read().decode(errors="replace").strip()
-            rc = proc.wait(START_TIMEOUT)
-        if rc != 0:
-            raise ShimError(f"delegate {binary} start failed (exit {rc}): {output}")
-    except BaseException:
-        if early is not None:
-            early.discard()
-        raise
-    t_delegate = time.monotonic() - t0
+    assert proc.stdin is not None
+    with contextlib.suppress(BrokenPipeError):
+        proc.stdin.write(runtimeopts.for_delegate(options, opts, cfg.delegate))
+        proc.stdin.close()
+    return Delegate(proc, binary, cfg, bundle, t0)
+
+
+def delegate_started(args: argparse.Namespace, d: Delegate) -> Launched:
+    """Wait for the delegate's address; record it; pick the proxy's socket."""
+    assert d.proc.stdout is not None
+    with d.proc:
+        output = d.proc.stdout.read().decode(errors="replace").strip()
+        rc = d.proc.wait(START_TIMEOUT)
+    if rc != 0:
+        raise ShimError(f"delegate {d.binary} start failed (exit {rc}): {output}")
+    cfg, bundle = d.cfg, d.bundle
     delegate_address = output
     listen = proxy_socket(cfg, delegate_address)
     address = f"unix://{listen}"
-    record: dict[str, object] = {"delegate": cfg.delegate, "delegate_binary": binary,
+    record: dict[str, object] = {"delegate": cfg.delegate, "delegate_binary": d.binary,
                                  "delegate_address": delegate_address, "address": address,
                                  "ipu_address": cfg.address}
     bundles.write_json(bundle / bundles.SHIM_RECORD, record)
     grouped = _serving(listen)
     if grouped:
         log.info("reusing the proxy of a grouped delegate", extra={"address": address})
-        if early is not None:  # only a new proxy can hand it to Create
-            early.discard()
-            early = None
     else:
         os.makedirs(cfg.socket_dir, mode=0o711, exist_ok=True)
     (bundle / "address").write_text(address)
     log.info("delegate started", extra={"address": address,
-                                        "delegate_seconds": round(t_delegate, 6)})
-    return Launched(address, listen, delegate_address, record, early, grouped)
-
-
-def prepare_early(cfg: shimconfig.ShimConfig, namespace: str, cid: str,
-                  bundle: Path) -> EarlyPrepare | None:
-    """Prepare container ``cid``'s rootfs now; None when ``Create`` should decide alone."""
-    from shim_hooks import proxy  # noqa: PLC0415 - deferred, see the module docstring
-
-    return proxy.EarlyPrepare.run(cfg, namespace, cid, bundle)
+                                        "delegate_seconds": round(time.monotonic() - d.t0, 6)})
+    return Launched(address, listen, delegate_address, record, None, grouped)
 
 
 def start(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options: bytes,
           report: Callable[[str], None]) -> None:
-    """``start``: launch, then serve the proxy in a process of its own.
+    """``start`` in its own process: launch, fork the proxy, print its address.
 
-    ``report(address)`` tells containerd the address once the proxy listens. In a plain
-    ``start`` process it prints, and the proxy is a forked child that outlives this process;
-    the resident server's child (:mod:`shim_hooks.server`) serves the proxy itself instead
-    (:func:`serve_in_place`).
+    The bundle's ``config.json`` is complete when containerd runs ``start``, so the IPU
+    prepares container ``-id``'s rootfs while the delegate's own start runs; the proxy hands
+    it to ``Create``. ``report(address)`` tells containerd the address once the proxy listens.
     """
+    from shim_hooks import proxy  # noqa: PLC0415 - deferred, see the module docstring
+
     t0 = time.monotonic()
-    launched = launch(args, cfg, options)
-    if not launched.grouped:
-        _fork_proxy(lambda ready: _serve(args, cfg, launched, ready))
+    d = spawn_delegate(args, cfg, options)
+    early: EarlyPrepare | None = None
+    try:
+        early = proxy.EarlyPrepare.run(d.cfg, args.namespace, args.id, d.bundle)
+        launched = delegate_started(args, d)
+    except BaseException:
+        if early is not None:
+            early.discard()
+        raise
+    if launched.grouped:
+        early.discard()  # only a new proxy can hand it to Create
+    else:
+        launched = replace(launched, early=early)
+        _fork_proxy(lambda ready: _serve(args, d.cfg, launched, ready))
     report(launched.address)
     log.info("shim started", extra={"address": launched.address,
                                     "start_seconds": round(time.monotonic() - t0, 6)})
@@ -195,12 +202,35 @@ def start(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options: bytes,
 
 def serve_in_place(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options: bytes,
                    report: Callable[[str], None]) -> int:
-    """``start`` in a process that then becomes the proxy (no second fork)."""
-    launched = launch(args, cfg, options)
-    if launched.grouped:
-        report(launched.address)
-        return 0
-    return _serve(args, cfg, launched, lambda: report(launched.address))
+    """``start`` in a process that then becomes the proxy (kata-ipu-shimd's child).
+
+    One event loop does it all, so ``Prepare`` runs from the first moment to whenever it
+    ends: the address is reported as soon as the delegate has started and the proxy
+    listens, and ``Create`` waits for the rootfs only if it is not ready yet.
+    """
+    import asyncio  # noqa: PLC0415 - preloaded by the server
+
+    from shim_hooks import proxy  # noqa: PLC0415 - preloaded by the server
+
+    async def run() -> None:
+        d = spawn_delegate(args, cfg, options)
+        early = proxy.EarlyPrepare.begin(d.cfg, args.namespace, args.id, d.bundle)
+        try:
+            launched = await asyncio.to_thread(delegate_started, args, d)
+        except BaseException:
+            await early.release_async()
+            raise
+        if launched.grouped:
+            await early.release_async()
+            report(launched.address)
+            return
+        set_process_name(PROXY_NAME)
+        await proxy.serve(d.cfg, launched.delegate_address, launched.listen, args.namespace,
+                          lambda: report(launched.address), cid=args.id, early=early,
+                          bundle=d.bundle, record=launched.record)
+
+    asyncio.run(run())
+    return 0
 
 
 def _fork_proxy(serve: Callable[[Callable[[], None]], int]) -> None:
@@ -251,7 +281,7 @@ def _serve(args: argparse.Namespace, cfg: shimconfig.ShimConfig, launched: Launc
            ready: Callable[[], None]) -> int:
     import asyncio  # noqa: PLC0415 - already loaded with the proxy
 
-    from shim_hooks import proxy  # noqa: PLC0415 - loaded by launch()
+    from shim_hooks import proxy  # noqa: PLC0415 - loaded by start()
 
     set_process_name(PROXY_NAME)
     asyncio.run(proxy.serve(cfg, launched.delegate_address, launched.listen, args.namespace,
