@@ -27,6 +27,8 @@ IMAGE_ANNOTATIONS = ("io.kubernetes.cri.image-name", "io.katacontainers.ipu.imag
 EXPORT_ANNOTATION = "io.katacontainers.ipu.export"
 CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+# What the runc and Kata shims group a pod's containers by: one shim per group.
+GROUP_ANNOTATIONS = ("io.containerd.runc.v2.group", SANDBOX_ID)
 
 SHIM_RECORD = "kata-ipu-shim.json"
 VOLUME_RECORD = "kata-ipu-volume.json"
@@ -78,6 +80,15 @@ def plan(spec: dict[str, Any], default_export: str) -> Plan:
             return Plan(ann[key], export, f"image from {key}", ann)
     return Plan(None, export, "no image annotation "
                 f"({' or '.join(IMAGE_ANNOTATIONS)})", ann)
+
+
+def shim_group(spec: dict[str, Any], container_id: str) -> str:
+    """The shim group ``container_id`` belongs to (its own id unless it joins a pod's)."""
+    ann = spec_annotations(spec)
+    for key in GROUP_ANNOTATIONS:
+        if ann.get(key):
+            return ann[key]
+    return container_id
 
 
 def volume_key(namespace: str, container_id: str) -> str:

@@ -112,10 +112,23 @@ class EarlyPrepare:
         self._prepared: ipu.Prepared | None = None
         self._error: KataIpuError | None = None
 
+    @staticmethod
+    def applies(cid: str, bundle: Path) -> bool:
+        """Only the container a new shim is started for. A pod's later containers join the
+        shim of its group (the delegate answers with that shim's address) and their
+        ``Create`` goes to the proxy already serving it, which prepares then."""
+        try:
+            return bundles.shim_group(bundles.read_spec(bundle), cid) == cid
+        except KataIpuError:
+            return False  # Create reads the bundle again and says what is wrong
+
     @classmethod
-    def run(cls, cfg: ShimConfig, namespace: str, cid: str, bundle: Path) -> EarlyPrepare:
+    def run(cls, cfg: ShimConfig, namespace: str, cid: str,
+            bundle: Path) -> EarlyPrepare | None:
         """Run :func:`prepare` to completion in its own event loop (nothing is left running:
         the caller forks next)."""
+        if not cls.applies(cid, bundle):
+            return None
         early = cls(cfg, bundle)
         with jsonlog.bind(container_id=cid, namespace=namespace):
             try:
@@ -125,8 +138,12 @@ class EarlyPrepare:
         return early
 
     @classmethod
-    def begin(cls, cfg: ShimConfig, namespace: str, cid: str, bundle: Path) -> EarlyPrepare:
+    def begin(cls, cfg: ShimConfig, namespace: str, cid: str,
+              bundle: Path) -> EarlyPrepare | None:
         """Start :func:`prepare` as a task of the running loop."""
+        if not cls.applies(cid, bundle):
+            return None
+
         async def bound() -> ipu.Prepared | None:
             with jsonlog.bind(container_id=cid, namespace=namespace):
                 return await prepare(cfg, namespace, cid, bundle)

@@ -191,7 +191,8 @@ def start(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options: bytes,
             early.discard()
         raise
     if launched.grouped:
-        early.discard()  # only a new proxy can hand it to Create
+        if early is not None:  # only a new proxy can hand it to Create
+            early.discard()
     else:
         launched = replace(launched, early=early)
         _fork_proxy(lambda ready: _serve(args, d.cfg, launched, ready))
@@ -218,10 +219,12 @@ def serve_in_place(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options
         try:
             launched = await asyncio.to_thread(delegate_started, args, d)
         except BaseException:
-            await early.release_async()
+            if early is not None:
+                await early.release_async()
             raise
         if launched.grouped:
-            await early.release_async()
+            if early is not None:
+                await early.release_async()
             report(launched.address)
             return
         set_process_name(PROXY_NAME)
@@ -342,7 +345,13 @@ def delete(args: argparse.Namespace, cfg: shimconfig.ShimConfig) -> bytes:
     bundle = Path(args.bundle or os.getcwd())
     record = bundles.read_json(bundle / bundles.SHIM_RECORD) or {}
     volume = bundles.read_json(bundle / bundles.VOLUME_RECORD)
-    killed = _kill_lingering_delegate(record, bundle.resolve())
+    # containerd runs `delete` whenever a connection to the shim closes, which includes the
+    # normal end of a container whose shim serves others too (a pod's sandbox deleted before
+    # its apps). Only a proxy that no longer answers left its delegate behind.
+    address = record.get("address")
+    proxy_alive = (isinstance(address, str) and address.startswith("unix://") and
+                   _serving(address.removeprefix("unix://")))
+    killed = not proxy_alive and _kill_lingering_delegate(record, bundle.resolve())
     # a killed proxy or delegate leaves its socket; the delegate's own cleanup removes only the
     # socket named in <bundle>/address, which is the proxy's. A killed Go process lets go of
     # its files only when its last thread is gone, after the leader turned zombie.

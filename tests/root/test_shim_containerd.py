@@ -62,8 +62,9 @@ class Env:
                 if b.read_text().strip().startswith(data)]
 
     def metric(self, name: str) -> float:
-        m = re.search(rf"^{re.escape(name)} (\S+)$", self.ipud.metrics_text(), re.M)
-        return float(m.group(1)) if m else 0.0
+        """A metric's value, summed over its label sets."""
+        return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$",
+                                                self.ipud.metrics_text(), re.M))
 
 
 def _write_shim_config(path: Path, work: Path, fallback: str = "error") -> Path:
@@ -396,3 +397,56 @@ def test_daemon_down(env: Env, fallback: str, tmp_path: Path) -> None:
             assert '"level":"warning","msg":"IPU rootfs unavailable' in log
         assert _task(ctd, "down") is None
     assert not mounts_under(tmp_path)
+
+
+def run_pod(ctd: Containerd, ref: str, pod: str) -> dict[str, int]:
+    """A CRI-style pod through ``ctr``: a pause container and two app containers of the
+    same sandbox (the runc shim groups them into one shim, so one proxy serves all three).
+    Returns the tasks' pids."""
+    ctd.ctr("run", "-d", "--runtime", RUNTIME,
+            "--annotation", "io.kubernetes.cri.container-type=sandbox",
+            "--annotation", f"io.kubernetes.cri.sandbox-id={pod}", ref, pod, "sleep", "600")
+    for app in (f"{pod}-a", f"{pod}-b"):
+        ctd.ctr("run", "-d", "--runtime", RUNTIME,
+                "--annotation", "io.kubernetes.cri.container-type=container",
+                "--annotation", f"io.kubernetes.cri.sandbox-id={pod}",
+                "--annotation", f"{IMAGE_ANN}={ref}", ref, app, "sleep", "600")
+    pids = {}
+    for cid in (pod, f"{pod}-a", f"{pod}-b"):
+        task = _task(ctd, cid)
+        assert task is not None and task[1] == "RUNNING", (cid, task)
+        pids[cid] = task[0]
+    return pids
+
+
+def stop_pod(ctd: Containerd, pod: str) -> None:
+    for cid in (f"{pod}-a", f"{pod}-b", pod):  # the apps first, as the kubelet does
+        ctd.ctr("task", "kill", "-s", "SIGKILL", cid)
+        _wait_status(ctd, cid, "STOPPED")
+        ctd.ctr("task", "delete", cid)
+        ctd.ctr("container", "rm", cid)
+
+
+def test_a_pods_containers_share_one_proxy_and_each_gets_its_own_rootfs(env: Env) -> None:
+    ctd = env.ctd
+    before = env.metric("kata_ipu_prepare_seconds_count")
+    pids = run_pod(ctd, env.ref, "pod1")
+    assert _root_mount(pids["pod1"])[1] == "overlay"  # the pause container keeps its own
+    devices = {_assert_ipu_root(env, pids[c], f"{ctd.namespace}.{c}")
+               for c in ("pod1-a", "pod1-b")}
+    assert len(devices) == 2
+    # one delegate, one proxy, one address for the whole pod...
+    state = ctd.state / "io.containerd.runtime.v2.task" / ctd.namespace
+    addresses = {(state / c / "address").read_text() for c in pids}
+    assert len(addresses) == 1, addresses
+    assert len(_proxies(ctd.namespace)) == 1
+    # ...and exactly one Prepare per app container (none made and thrown away at start)
+    assert env.metric("kata_ipu_prepare_seconds_count") - before == 2
+    stop_pod(ctd, "pod1")
+    assert env.volumes() == []
+
+
+def test_tearing_a_pod_down_sandbox_first_releases_everything(env: Env) -> None:
+    run_pod(env.ctd, env.ref, "pod2")
+    env.ctd.cleanup_namespace()  # kills and deletes in name order: the sandbox first
+    assert env.volumes() == []

@@ -35,7 +35,7 @@ from kata_ipu.testing.prereq import require_programs, require_root
 from kata_ipu.testing.registry import RegistryServer, push
 from shim_hooks import handoff
 from shim_hooks.shim import PROXY_NAME
-from tests.root.test_shim_containerd import _root_mount, _task, _wait_status
+from tests.root.test_shim_containerd import _root_mount, _task, _wait_status, run_pod, stop_pod
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = "io.containerd.kata-ipu.v2"
@@ -214,6 +214,18 @@ def test_start_through_the_server_runs_on_the_ipu_device_in_containerds_context(
     _wait_status(ctd, cid, "STOPPED")
     ctd.ctr("task", "delete", cid)
     ctd.ctr("container", "rm", cid)
+    assert env.volumes() == []
+
+
+def test_a_pod_through_the_server_one_proxy_one_prepare_per_app(
+        env: Env, server: Server, ctd: Containerd) -> None:
+    pids = run_pod(ctd, env.ref, "pod")
+    assert _root_mount(pids["pod"])[1] == "overlay"
+    assert {_root_mount(pids[c])[1] for c in ("pod-a", "pod-b")} == {"ext4"}
+    (proxy,) = _proxies_under(ctd.workdir)
+    assert proxy in server.children()
+    assert sorted(env.volumes()) == [f"{ctd.namespace}.pod-a", f"{ctd.namespace}.pod-b"]
+    stop_pod(ctd, "pod")
     assert env.volumes() == []
 
 
