@@ -3,7 +3,7 @@
 The resident shim server forks the shim's ``start`` from its own process, but the shim (and the
 delegate shim, runc and the container it starts) must run as if containerd had executed it:
 with containerd's environment, working directory (the bundle), umask, resource limits, OOM
-score and cgroups. :func:`adopt` copies those from the launcher, a process containerd did start
+score, nice value and cgroups. :func:`adopt` copies those from the launcher, a process containerd did start
 and which is still waiting for the answer, so reading ``/proc/<pid>`` is race-free.
 
 What cannot be copied raises :class:`ContextError` naming the part; the cgroup move is the one
@@ -103,6 +103,7 @@ def adopt(pid: int, environ: Mapping[str, str], cwd: str) -> None:
             resource.setrlimit(rlimit, resource.prlimit(pid, rlimit))
         score = Path(f"/proc/{pid}/oom_score_adj").read_text().strip()
         Path("/proc/self/oom_score_adj").write_text(score)
+        os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, pid))
     except (OSError, ValueError) as exc:
         raise ContextError(f"cannot take over the context of process {pid}: {exc}") from exc
     try:

@@ -244,7 +244,16 @@ class ShimServer:
             signal.signal(sig, signal.SIG_DFL)
         for fd in (self._taken_r, self._alive_w, self._wake_r, self._wake_w):
             os.close(fd)
+        # A spare is forked right after another was taken, i.e. while a container is being
+        # started: warm up at the lowest priority so as not to compete with that start, then
+        # take back the server's priority (lowering a nice value needs CAP_SYS_NICE: root).
+        priority = os.getpriority(os.PRIO_PROCESS, 0)
+        lowered = os.geteuid() == 0
+        if lowered:
+            os.setpriority(os.PRIO_PROCESS, 0, 19)
         warm_up()
+        if lowered:
+            os.setpriority(os.PRIO_PROCESS, 0, priority)
         self._sock.setblocking(False)
         while True:
             listening = self._sock.fileno()

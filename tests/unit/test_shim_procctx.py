@@ -65,11 +65,12 @@ umask = os.umask(0)
 print(json.dumps({"cwd": os.getcwd(), "env": dict(os.environ), "umask": umask,
                   "limits": limits,
                   "oom": Path("/proc/self/oom_score_adj").read_text().strip(),
+                  "nice": os.getpriority(os.PRIO_PROCESS, 0),
                   "cgroup": Path("/proc/self/cgroup").read_text()}))
 """
 
 
-def test_adopt_takes_the_callers_cwd_env_umask_rlimits_oom_score_and_cgroups(
+def test_adopt_takes_the_callers_cwd_env_umask_rlimits_oom_score_nice_and_cgroups(
         tmp_path: Path) -> None:
     def source_context() -> None:  # the "containerd" side: values nobody has by default
         os.umask(0o027)
@@ -77,6 +78,7 @@ def test_adopt_takes_the_callers_cwd_env_umask_rlimits_oom_score_and_cgroups(
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 777), hard))
         Path("/proc/self/oom_score_adj").write_text("321")
+        os.setpriority(os.PRIO_PROCESS, 0, 7)
 
     source = subprocess.Popen(["sleep", "60"], preexec_fn=source_context)  # noqa: PLW1509
     try:
@@ -92,6 +94,7 @@ def test_adopt_takes_the_callers_cwd_env_umask_rlimits_oom_score_and_cgroups(
     assert got["limits"]["RLIMIT_CORE"] == [4096, 8192]
     assert got["limits"]["RLIMIT_NOFILE"][0] == 777
     assert got["oom"] == "321"
+    assert got["nice"] == 7
     assert got["cgroup"] == Path(f"/proc/{os.getpid()}/cgroup").read_text()
 
 
