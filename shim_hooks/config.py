@@ -115,13 +115,29 @@ def parse(data: Mapping[str, Any], where: str = "<config>") -> ShimConfig:
     return cfg
 
 
+_parsed: dict[str, tuple[tuple[int, int, int, int], ShimConfig]] = {}
+
+
+def _parse_file(path: str) -> ShimConfig:
+    """Parse ``path``, reusing the last result while the file is unchanged (kata-ipu-shimd's
+    children parse it once per container start otherwise)."""
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        cached = _parsed.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        cfg = parse(tomllib.load(f), path)
+    _parsed[path] = (stamp, cfg)
+    return cfg
+
+
 def load(environ: Mapping[str, str] | None = None) -> ShimConfig:
     """The file (``$KATA_IPU_SHIM_CONFIG`` or the default path), then the env overrides."""
     env = os.environ if environ is None else environ
     path = env.get(CONFIG_ENV) or DEFAULT_PATH
     try:
-        with open(path, "rb") as f:
-            cfg = parse(tomllib.load(f), path)
+        cfg = _parse_file(path)
     except FileNotFoundError:
         if env.get(CONFIG_ENV):
             raise ConfigError(f"{path}: shim config file not found ({CONFIG_ENV})") from None

@@ -3,8 +3,9 @@
 The resident shim server forks the shim's ``start`` from its own process, but the shim (and the
 delegate shim, runc and the container it starts) must run as if containerd had executed it:
 with containerd's environment, working directory (the bundle), umask, resource limits, OOM
-score, nice value and cgroups. :func:`adopt` copies those from the launcher, a process containerd did start
-and which is still waiting for the answer, so reading ``/proc/<pid>`` is race-free.
+score, nice value and cgroups. :func:`adopt` copies those from the launcher, a process
+containerd did start and which is still waiting for the answer, so reading ``/proc/<pid>`` is
+race-free.
 
 What cannot be copied raises :class:`ContextError` naming the part; the cgroup move is the one
 best-effort step (a cgroup can be gone, or not writable in a nested container) and is logged.

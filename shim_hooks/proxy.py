@@ -36,6 +36,7 @@ from pathlib import Path
 
 from kata_ipu import log as jsonlog
 from kata_ipu.errors import KataIpuError
+from kata_ipu.protowire import WireError
 from kata_ipu.ttrpc import NAMESPACE_KEY, CallContext, Client, Metadata, Server
 from kata_ipu.ttrpc.errors import ConnectionClosed
 from shim_hooks import bundle as bundles
@@ -54,6 +55,7 @@ from shim_hooks.taskapi import (
 log = logging.getLogger("shim_hooks.proxy")
 
 Handler = Callable[[CallContext, bytes], Awaitable[bytes]]
+REMEMBER_DELAY = 0.5  # seconds to wait for containerd's Connect before asking the delegate
 
 
 @dataclass
@@ -194,6 +196,7 @@ class TaskProxy:
         self.namespace = namespace
         self.volumes: dict[str, _Volume] = {}
         self.early: dict[str, EarlyPrepare] = dict(early or {})
+        self.on_delegate_pid: Callable[[int], None] | None = None
 
     async def close(self) -> None:
         """Release what was prepared for a ``Create`` that never came."""
@@ -206,7 +209,20 @@ class TaskProxy:
         out["Create"] = self.create
         out["Delete"] = self.delete
         out["Shutdown"] = self.shutdown
+        out["Connect"] = self.connect
         return out
+
+    async def connect(self, ctx: CallContext, payload: bytes) -> bytes:
+        """Forwarded; its reply names the delegate's pid, which the bundle records (so that
+        the ``delete`` action can stop a delegate whose proxy was killed)."""
+        reply = await self.forward("Connect", ctx, payload)
+        if self.on_delegate_pid is not None:
+            with contextlib.suppress(WireError):
+                pid = decode_connect_response(reply)[0]
+                if pid:
+                    self.on_delegate_pid(pid)
+                    self.on_delegate_pid = None
+        return reply
 
     def _forwarder(self, method: str) -> Handler:
         async def forward(ctx: CallContext, payload: bytes) -> bytes:
@@ -300,13 +316,37 @@ async def serve(cfg: ShimConfig, delegate_address: str, listen: str, namespace: 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    remember: asyncio.TimerHandle | None = None
+    tasks: set[asyncio.Future[None]] = set()
     if bundle is not None and record is not None:
-        await _remember_delegate_pid(delegate, cid, namespace, bundle, record)
+        def remember_pid(pid: int) -> None:
+            if remember is not None:
+                remember.cancel()
+            bundles.write_json(bundle / bundles.SHIM_RECORD, {**record, "delegate_pid": pid})
+
+        async def ask_pid() -> None:
+            try:
+                reply = await delegate.call(TASK_SERVICE, "Connect", id_request(cid), timeout=5,
+                                            metadata=Metadata([(NAMESPACE_KEY, namespace)]))
+            except KataIpuError as exc:
+                log.debug("delegate Connect failed: %s", exc)
+                return
+            if proxy.on_delegate_pid is not None and (pid := decode_connect_response(reply)[0]):
+                proxy.on_delegate_pid = None
+                remember_pid(pid)
+
+        # containerd's own Connect (right after Create) tells the pid for free; asking the
+        # delegate now would put a call on the container's critical path
+        proxy.on_delegate_pid = remember_pid
+        remember = loop.call_later(REMEMBER_DELAY,
+                                   lambda: tasks.add(asyncio.ensure_future(ask_pid())))
     closed = asyncio.ensure_future(delegate.wait_closed())
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait({closed, stopped}, return_when=asyncio.FIRST_COMPLETED)
     closed.cancel()
     stopped.cancel()
+    if remember is not None:
+        remember.cancel()
     log.info("delegate gone, proxy exiting" if not stop.is_set() else "signalled, exiting")
     await server.shutdown(timeout=5)
     await proxy.close()
@@ -315,19 +355,6 @@ async def serve(cfg: ShimConfig, delegate_address: str, listen: str, namespace: 
         # The runc shim removes the socket named in <bundle>/address on exit, which is ours;
         # its own is left behind: remove it once nobody answers there.
         _remove_dead_socket(delegate_address)
-
-
-async def _remember_delegate_pid(delegate: Client, cid: str, namespace: str, bundle: Path,
-                                 record: dict[str, object]) -> None:
-    try:
-        reply = await delegate.call(TASK_SERVICE, "Connect", id_request(cid), timeout=5,
-                                    metadata=Metadata([(NAMESPACE_KEY, namespace)]))
-    except KataIpuError as exc:
-        log.debug("delegate Connect failed: %s", exc)
-        return
-    pid = decode_connect_response(reply)[0]
-    if pid:
-        bundles.write_json(bundle / bundles.SHIM_RECORD, {**record, "delegate_pid": pid})
 
 
 def _remove_dead_socket(address: str) -> None:

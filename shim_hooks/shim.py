@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -54,6 +55,7 @@ START_TIMEOUT = 30.0
 DELEGATE_TIMEOUT = 60.0
 
 
+@functools.cache
 def build_parser() -> argparse.ArgumentParser:
     # containerd passes Go-style single-dash long flags: -namespace ns -address a -id x start
     p = argparse.ArgumentParser(
