@@ -311,7 +311,7 @@ async def serve(cfg: ShimConfig, delegate_address: str, listen: str, namespace: 
     server.register(TASK_SERVICE, proxy.handlers())
     await server.listen(listen, mode=0o600)
     ready()
-    log.info("proxy serving", extra={"address": listen, "delegate": delegate_address})
+    log.debug("proxy serving", extra={"address": listen, "delegate": delegate_address})
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

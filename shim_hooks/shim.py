@@ -135,7 +135,7 @@ def spawn_delegate(args: argparse.Namespace, cfg: shimconfig.ShimConfig,
         cfg = replace(cfg, delegate=opts.delegate)
     binary = shimconfig.resolve_binary(cfg.delegate_binary)
     argv = delegate_argv(binary, args, "start")
-    log.info("starting delegate", extra={"delegate": cfg.delegate, "argv": argv})
+    log.debug("starting delegate", extra={"delegate": cfg.delegate, "argv": argv})
     proc = subprocess.Popen(argv, cwd=bundle, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     assert proc.stdin is not None

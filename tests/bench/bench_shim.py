@@ -10,8 +10,8 @@ runs interleaved (never asserted):
 
 * warm, plain ``io.containerd.runc.v2`` with the image already unpacked by containerd's
   overlayfs snapshotter — the baseline;
-* warm ``io.containerd.kata-ipu.v2`` (delegate: runc shim, IPU base already built), started
-  three ways: in-process (no server: the Python shim as before kata-ipu-shimd), through the
+* warm ``io.containerd.kata-ipu.v2`` (delegate: runc shim, IPU base already built, kata-ipud
+  with ``[rootfs] warm_clones = 1``), started three ways: in-process (no server: the Python shim as before kata-ipu-shimd), through the
   server from the Python launcher, through the server from the native launcher;
 * the proxy alone: the native launcher and server, no image annotation and ``fallback =
   "passthrough"`` (the snapshotter's rootfs, no IPU) — what the proxy costs by itself;
@@ -129,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                                   base, payload], ref=tag)
                 push(work / "oci", tag, f"{reg.address}/bench/img:{tag}")
             ref = {t: f"{reg.address}/bench/img:{t}" for t in ("warm", "cold-ipu", "cold-ctd")}
-            ipud = IpuDaemon(work / "ipud", pool_size="4G", insecure_registries=(reg.address,))
+            # one exported spare clone per image in use (kata_ipu.daemon.warmpool)
+            ipud = IpuDaemon(work / "ipud", pool_size="4G", insecure_registries=(reg.address,),
+                             extra_config="[rootfs]\nwarm_clones = 1\n")
             ipud.start()
             try:
                 (work / "shim.toml").write_text(f'socket_dir = "{work}/s"\n'
