@@ -4,9 +4,10 @@ containerd runs the shim binary's ``start`` on the critical path of every contai
 resident shim server (:mod:`shim_hooks.server`) listens on ``$KATA_IPU_SHIM_SERVER`` (default
 ``/run/kata-ipu/shimd.sock``; an empty value turns the hand-off off), this process only sends
 its argv, environment, working directory and stdio descriptors there (:mod:`shim_hooks.handoff`)
-and exits with the status the server's forked child reports; the child writes the address on
-our stdout itself. Otherwise — no server, or any other action (``delete``, ``-v``) — it runs
-:func:`shim_hooks.shim.main` in this process, exactly as without a server.
+and exits with the status the server's forked child reports; the child writes the address (or
+``delete``'s reply) on our stdout itself. Otherwise — no server, or anything but ``start`` and
+``delete`` — it runs :func:`shim_hooks.shim.main` in this process, exactly as without a
+server.
 
 Only built-in modules are imported before that decision: the point is to not pay Python's
 imports.
@@ -35,8 +36,9 @@ def server_path(environ: dict[bytes, bytes] | None = None) -> str:
 
 
 def wants_handoff(argv: Sequence[str]) -> bool:
-    """Only ``start`` is latency-critical; the rest keeps the one in-process code path."""
-    return bool(argv) and argv[-1] == "start"
+    """``start`` (on every container's critical path) and ``delete`` (containerd runs it each
+    time a connection to the shim closes, i.e. after every container)."""
+    return bool(argv) and argv[-1] in ("start", "delete")
 
 
 def handoff_start(path: str, argv: Sequence[str]) -> int | None:

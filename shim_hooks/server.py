@@ -18,11 +18,12 @@ them (the systemd unit says ``KillMode=process``, as containerd's own does): the
 containerd and exit with their delegate; a new server only serves new ``start``\\ s.
 
 A child becomes what containerd would have started: a new session, the launcher's stdio,
-environment, working directory, umask, rlimits, OOM score and cgroups (:mod:`procctx`). It
-then runs the shim's ``start`` (:func:`shim_hooks.shim.main` with
-:func:`~shim_hooks.shim.serve_in_place`), writes the address on the launcher's stdout, closes
-the launcher's descriptors, sends the exit status, and goes on serving as the proxy. A bad
-hand-off is logged and refused; the server keeps serving.
+environment, working directory, umask, rlimits, OOM score, nice value and cgroups
+(:mod:`procctx`). For ``start`` it then runs the shim's ``start`` (:func:`shim_hooks.shim.main`
+with :func:`~shim_hooks.shim.serve_in_place`), writes the address on the launcher's stdout,
+closes the launcher's descriptors, sends the exit status, and goes on serving as the proxy.
+``delete`` (which containerd runs after every container) is run the same way and the child
+exits. A bad hand-off is logged and refused; the server keeps serving.
 """
 
 from __future__ import annotations
@@ -285,7 +286,7 @@ class ShimServer:
         except (handoff.HandoffError, OSError) as exc:
             log.warning("refused a start hand-off: %s", exc)
             return 1
-        log.debug("start", extra={"peer": peer.pid, "argv": request.argv})
+        log.debug("hand-off", extra={"peer": peer.pid, "argv": request.argv})
         return _child(conn, request, fds, peer)
 
 

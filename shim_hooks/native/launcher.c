@@ -6,14 +6,15 @@
  * `ctr run` (docs/adr/0004-resident-shim-server.md). This program does only what
  * shim_hooks/launcher.py does before it imports anything:
  *
- *   `start`, and kata-ipu-shimd listens on $KATA_IPU_SHIM_SERVER (default
+ *   `start` or `delete`, and kata-ipu-shimd listens on $KATA_IPU_SHIM_SERVER (default
  *   /run/kata-ipu/shimd.sock; empty = off):  send argv, environment, cwd and the stdio
  *   descriptors there (the format is shim_hooks/handoff.py's), exit with the status the
- *   server's child reports. The child writes the address on our stdout itself.
+ *   server's child reports. The child writes the address (or delete's reply) on our stdout
+ *   itself.
  *
- *   anything else (no server, `delete`, a hand-off that could not be sent):  exec the Python
- *   shim (KATA_IPU_PYTHON_SHIM, fixed at build time by scripts/build-launcher), which does the
- *   same work in-process.
+ *   anything else (no server, `-v`, a hand-off that could not be sent):  exec the Python shim
+ *   (KATA_IPU_PYTHON_SHIM, fixed at build time by scripts/build-launcher), which does the same
+ *   work in-process.
  *
  * Once the message is sent the server owns the start: this program never falls back after
  * that point (the delegate shim may already be running).
@@ -70,7 +71,8 @@ int main(int argc, char **argv) {
     const char *path = getenv("KATA_IPU_SHIM_SERVER");
     if (path == NULL)
         path = DEFAULT_SERVER;
-    if (argc < 2 || strcmp(argv[argc - 1], "start") != 0 || *path == '\0')
+    if (argc < 2 || *path == '\0' ||
+        (strcmp(argv[argc - 1], "start") != 0 && strcmp(argv[argc - 1], "delete") != 0))
         python_shim(argv);
 
     struct sockaddr_un addr = {.sun_family = AF_UNIX};

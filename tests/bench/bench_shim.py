@@ -11,8 +11,9 @@ runs interleaved (never asserted):
 * warm, plain ``io.containerd.runc.v2`` with the image already unpacked by containerd's
   overlayfs snapshotter — the baseline;
 * warm ``io.containerd.kata-ipu.v2`` (delegate: runc shim, IPU base already built, kata-ipud
-  with ``[rootfs] warm_clones = 1``), started three ways: in-process (no server: the Python shim as before kata-ipu-shimd), through the
-  server from the Python launcher, through the server from the native launcher;
+  with ``[rootfs] warm_clones = 1``), started three ways: in-process (no server: the Python
+  shim as before kata-ipu-shimd), through the server from the Python launcher, through the
+  server from the native launcher;
 * the proxy alone: the native launcher and server, no image annotation and ``fallback =
   "passthrough"`` (the snapshotter's rootfs, no IPU) — what the proxy costs by itself;
 * ``kata-ipu-runtime`` as the runc shim's BinaryName;

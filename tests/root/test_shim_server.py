@@ -248,7 +248,7 @@ def test_concurrent_starts_through_the_server(env: Env, server: Server,
         assert (device.startswith("/dev/loop"), point, fstype) == (True, "/", "ext4")
         devices.add(device)
     assert len(devices) >= 2  # not one shared device (loops are reused only once released)
-    assert "start" in server.log.read_text()
+    assert '"hand-off"' in server.log.read_text()
 
 
 def test_killed_server_leaves_running_containers_alone_and_start_falls_back(
@@ -276,10 +276,27 @@ def test_killed_server_leaves_running_containers_alone_and_start_falls_back(
     assert out.stdout == "via kata-ipu-shimd\n"
 
 
-@pytest.mark.parametrize("launcher", ["python"])
+def test_proxy_killed_then_task_delete_releases_through_the_servers_delete(
+        env: Env, server: Server, ctd: Containerd) -> None:
+    cid = "srvdel"
+    ctd.ctr("run", "-d", "--runtime", RUNTIME, "--annotation", f"{IMAGE_ANN}={env.ref}",
+            env.ref, cid, "sleep", "600")
+    (proxy,) = _proxies_under(ctd.workdir)
+    os.kill(proxy, signal.SIGKILL)
+    # containerd sees the shim gone and runs `delete`, which the launcher hands to the server:
+    # it stops the orphaned delegate and releases the volume
+    deadline = time.monotonic() + 60
+    while env.volumes():
+        assert time.monotonic() < deadline, "the volume of the dead shim was not released"
+        time.sleep(0.1)
+    handoffs = [line for line in server.log.read_text().splitlines() if '"hand-off"' in line]
+    assert any(f'/{cid}","delete"]' in line for line in handoffs), handoffs
+    ctd.ctr("task", "delete", "-f", cid, check=False)
+    ctd.ctr("container", "rm", cid)
+
+
 def test_bad_hand_offs_are_refused_and_the_server_keeps_serving(
-        env: Env, server: Server, tmp_path: Path, launcher: str) -> None:
-    del launcher
+        env: Env, server: Server, tmp_path: Path) -> None:
     for message, fds in [(b"garbage", [0, 1, 2]), (b"kata-ipu-shim-start/1\x001\x00a\x000\x00/",
                                                    [])]:
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:

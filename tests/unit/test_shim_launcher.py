@@ -101,15 +101,16 @@ def _env(server: str) -> dict[str, str]:
     return {**env, "KATA_IPU_SHIM_SERVER": server, "MARKER": "from-containerd"}
 
 
-def test_start_is_handed_to_the_server_with_argv_env_cwd_and_stdio(
-        launcher: list[str], standin: StandIn, tmp_path: Path) -> None:
-    out = subprocess.run([*launcher, *FLAGS, "start"], input=b"OPTIONS", cwd=tmp_path,
+@pytest.mark.parametrize("action", ["start", "delete"])
+def test_start_and_delete_are_handed_to_the_server_with_argv_env_cwd_and_stdio(
+        launcher: list[str], standin: StandIn, tmp_path: Path, action: str) -> None:
+    out = subprocess.run([*launcher, *FLAGS, action], input=b"OPTIONS", cwd=tmp_path,
                          env=_env(str(standin.path)), capture_output=True, timeout=60,
                          check=False)
     assert (out.returncode, out.stdout, out.stderr) == (
         0, b"unix:///run/kata-ipu/shim/p.sock", b"")
     (req,) = standin.requests
-    assert req.argv[1:] == [*FLAGS, "start"]
+    assert req.argv[1:] == [*FLAGS, action]
     assert req.env["MARKER"] == "from-containerd"
     assert req.env["KATA_IPU_SHIM_SERVER"] == str(standin.path)
     assert req.cwd == str(tmp_path)
@@ -134,9 +135,9 @@ def test_the_servers_status_is_the_exit_code(launcher: list[str], tmp_path: Path
 
 @pytest.mark.parametrize(("server", "action"), [
     ("missing", "start"),  # nobody listens: run the shim in-process
+    ("missing", "delete"),
     ("", "start"),  # hand-off turned off
-    ("standin", "delete"),  # only start is handed off
-    ("standin", "-v"),
+    ("standin", "-v"),  # only start and delete are handed off
 ])
 def test_native_launcher_runs_the_python_shim_otherwise(
         native: tuple[str, Path], standin: StandIn, tmp_path: Path, server: str,
