@@ -323,6 +323,26 @@ def test_bad_hand_offs_are_refused_and_the_server_keeps_serving(
     assert env.volumes() == []
 
 
+def test_a_failing_start_reports_its_reason_through_the_server(
+        env: Env, server: Server, tmp_path: Path) -> None:
+    # Kata is not installed here: the delegate cannot be found
+    c = Containerd(tmp_path / "ctd", env={
+        "KATA_IPU_ADDRESS": env.ipud.address, "KATA_IPU_DELEGATE": "kata",
+        "KATA_IPU_SHIM_CONFIG": str(env.work / "shim.toml"),
+        "KATA_IPU_SHIM_SERVER": str(server.socket)}).start()
+    try:
+        c.ctr("image", "pull", "--plain-http", env.ref, timeout=300)
+        out = c.ctr("run", "--rm", "--runtime", RUNTIME, "--annotation",
+                    f"{IMAGE_ANN}={env.ref}", env.ref, "nokata", "true", check=False)
+        assert out.returncode != 0
+        assert "containerd-shim-kata-v2: not found in $PATH" in out.stderr, out.stderr
+    finally:
+        c.teardown()
+    assert env.volumes() == []
+    assert server.serving()
+    assert not _proxies_under(tmp_path)
+
+
 def test_lifecycle_ready_one_spare_and_a_clean_stop(tmp_path: Path) -> None:
     require_root()
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
