@@ -26,11 +26,16 @@ class BlockTarget(abc.ABC):
         """The pool this target manages."""
 
     @abc.abstractmethod
-    def import_base(self, image: str | os.PathLike[str], base_id: str) -> Base:
+    def import_base(self, image: str | os.PathLike[str], base_id: str, *,
+                    content_id: str | None = None) -> Base:
         """Copy a raw filesystem image into the pool as base ``base_id``, read-only from then
         on. Repeating the call with the same content returns the same base; different content
         under the same id raises :class:`~kata_ipu.block.errors.BaseExists`; not enough space
-        raises :class:`~kata_ipu.block.errors.PoolFull` before anything is written."""
+        raises :class:`~kata_ipu.block.errors.PoolFull` before anything is written.
+
+        "Same content" is the sha256 of the image file, unless the caller names the content
+        itself with ``content_id`` (e.g. "built from manifest X as ext4"): then the image is
+        not read at all, which is what keeps a fresh import cheap for large images."""
 
     @abc.abstractmethod
     def get_base(self, base_id: str) -> Base:

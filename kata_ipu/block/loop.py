@@ -92,6 +92,19 @@ def find(file: str | os.PathLike[str]) -> list[int]:
     return sorted(out)
 
 
+def find_under(directory: str | os.PathLike[str]) -> list[tuple[int, str]]:
+    """(minor, file) of every loop device serving a file inside ``directory`` (deleted files
+    included: the kernel still names them)."""
+    prefix = os.path.realpath(directory) + "/"
+    out = []
+    for entry in os.listdir("/sys/block"):
+        if entry.startswith("loop") and entry[4:].isdigit():
+            served = backing_file(int(entry[4:]))
+            if served is not None and served.startswith(prefix):
+                out.append((int(entry[4:]), served.removesuffix(" (deleted)")))
+    return sorted(out)
+
+
 def _describe(minor: int) -> Loop:
     path = f"/dev/loop{minor}"
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

@@ -131,6 +131,7 @@ class IngestWriter:
 
     def restart(self) -> None:
         """Drop the bytes written so far (the server ignored our ``Range``)."""
+        self.status.restarts += 1  # first: a follower re-checks it after every read
         self._file.seek(0)
         self._file.truncate(0)
         self._hasher = new_hasher(self.digest)
@@ -165,6 +166,7 @@ class IngestWriter:
         if actual_digest != self.digest:
             self.discard()
             raise DigestMismatch(self.digest, actual_digest)
+        self.status.verified = True
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()

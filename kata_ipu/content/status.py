@@ -47,8 +47,8 @@ class BlobStatus:
     """Mutable progress of one blob; ``offset`` counts bytes in the ingest (resumed included),
     ``fetched`` only the bytes that crossed the network in this attempt sequence."""
 
-    __slots__ = ("digest", "error", "fetched", "media_type", "offset", "started_at", "state",
-                 "total", "updated_at")
+    __slots__ = ("digest", "error", "fetched", "media_type", "offset", "restarts",
+                 "started_at", "state", "total", "updated_at", "verified")
 
     def __init__(self, digest: str, total: int, media_type: str = "") -> None:
         self.digest = digest
@@ -58,6 +58,10 @@ class BlobStatus:
         self.fetched = 0
         self.state = BlobState.WAITING
         self.error = ""
+        # For readers that follow the ingest (content/follow.py): bumped *before* the bytes
+        # written so far are dropped, and set once size and digest matched (before fsync).
+        self.restarts = 0
+        self.verified = False
         self.started_at = time.time()
         self.updated_at = self.started_at
 

@@ -34,6 +34,7 @@ from typing import Any
 
 from kata_ipu.content.digest import digest_bytes, split_digest
 from kata_ipu.content.errors import BlobNotFound, InvalidLayout, RefNotFound
+from kata_ipu.content.follow import BlobFollower
 from kata_ipu.content.ingest import IngestWriter, fsync_dir
 from kata_ipu.content.leases import LeaseManager
 from kata_ipu.content.status import BlobProgress, BlobState, BlobStatus
@@ -204,13 +205,19 @@ class ContentStore:
                 status.set_state(BlobState.EXISTS)
                 return FetchResult(desc.digest, False, 0)
             status.set_state(BlobState.DOWNLOADING)
+            t0 = time.monotonic()
             try:
                 if w.offset < desc.size or desc.size == 0:
                     fetcher(w)
+                t1 = time.monotonic()
                 w.commit()
             except BaseException as exc:
                 status.set_state(BlobState.FAILED, str(exc) or type(exc).__name__)
                 raise
+            log.debug("blob ingested", extra={
+                "digest": desc.digest, "bytes": status.fetched,
+                "download_seconds": round(t1 - t0, 4),
+                "commit_seconds": round(time.monotonic() - t1, 4)})
             return FetchResult(desc.digest, True, status.fetched)
 
     def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
@@ -259,6 +266,19 @@ class ContentStore:
             status.offset = desc.size
             status.set_state(BlobState.EXISTS)
         return FetchResult(desc.digest, False, 0)
+
+    def follow(self, desc: Descriptor, abort: threading.Event) -> BlobFollower:
+        """A reader of ``desc`` that streams it while this process downloads it (see
+        :mod:`~kata_ipu.content.follow`: the bytes are unverified until the ingest commits).
+        """
+        algo, hexd = split_digest(desc.digest)
+
+        def status_of() -> BlobStatus | None:
+            with self._mu:
+                return self._statuses.get(desc.digest)
+
+        return BlobFollower(desc.digest, desc.size, self.blob_path(desc.digest),
+                            self.root / "ingest" / f"{algo}-{hexd}.data", status_of, abort)
 
     def _forget(self, digest: str) -> None:
         with self._mu:

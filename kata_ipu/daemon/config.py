@@ -26,6 +26,7 @@ Example (``/etc/kata-ipu/ipud.toml``)::
     headroom = 0.5                       # free space on top of the unpacked size
     min_size = "64M"
     max_size = "64G"
+    warm_clones = 0                      # exported spare clones kept per hot image (host-block)
 
     [block]
     backend = "file"                     # "file" (reflink) or "qsd" (qcow2 overlays)
@@ -92,6 +93,7 @@ class RootfsConfig:
     headroom: float = 0.5
     min_size: int = 64 << 20
     max_size: int = 64 << 30
+    warm_clones: int = 0  # kata_ipu.daemon.warmpool
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,10 @@ def _section(data: dict[str, Any], name: str, cls: type[Any], where: str) -> Any
             if not isinstance(value, int | float) or isinstance(value, bool):
                 raise InvalidArgument(f"{label} must be a number")
             values[key] = float(value)
+        elif isinstance(ref, int):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise InvalidArgument(f"{label} must be a whole number >= 0")
+            values[key] = value
         elif isinstance(ref, tuple):
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise InvalidArgument(f"{label} must be a list of strings")

@@ -29,18 +29,22 @@ import os
 import re
 import shutil
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from kata_ipu.block import ExportKind
+from kata_ipu.block import ExportKind, fsutil, loop
 from kata_ipu.block.interface import BlockTarget
 from kata_ipu.block.pool import create_pool
+from kata_ipu.content.follow import IngestRestarted
 from kata_ipu.content.gc import collect
 from kata_ipu.content.store import ContentStore
+from kata_ipu.daemon import warmpool
 from kata_ipu.daemon.config import Config
 from kata_ipu.daemon.metrics import Metrics
+from kata_ipu.daemon.pipeline import PullGate, StreamingSource
 from kata_ipu.daemon.state import (
     BaseRecord,
     BaseState,
@@ -57,14 +61,14 @@ from kata_ipu.errors import (
     NotFound,
     ResourceExhausted,
 )
-from kata_ipu.executor import CommandFailed
+from kata_ipu.executor import DEFAULT, CommandFailed
 from kata_ipu.image.credentials import CredentialChain, DockerConfigFile, default_credentials
 from kata_ipu.image.platform import Platform, host_platform, parse_platform
-from kata_ipu.image.pull import Puller, PullProgress
+from kata_ipu.image.pull import Puller, PullPlan, PullProgress
 from kata_ipu.image.reference import Reference, parse_reference
 from kata_ipu.log import bind
 from kata_ipu.rootfs.builder import BuildConfig, RootfsBuilder
-from kata_ipu.rootfs.oci import OciLayoutSource
+from kata_ipu.rootfs.oci import ImageSource, OciLayoutSource
 from kata_ipu.rootfs.writers import SizePolicy
 
 log = logging.getLogger("kata_ipu.daemon")
@@ -81,6 +85,9 @@ def check_container_id(container_id: str) -> str:
         raise InvalidArgument(
             f"container_id {container_id!r} is invalid: use 1-128 characters of "
             "[A-Za-z0-9_.-], starting with a letter or digit")
+    if container_id.startswith(warmpool.PREFIX):
+        raise InvalidArgument(f"container_id {container_id!r} is invalid: the prefix "
+                              f"{warmpool.PREFIX!r} is reserved for the warm pool's spares")
     return container_id
 
 
@@ -153,6 +160,8 @@ class Engine:
         # Bases are built inside the pool's filesystem, so import_base's copy_file_range
         # becomes a reflink (XFS) instead of a byte copy.
         self.build_dir = target.pool.data_dir / "build"
+        self.warm = warmpool.WarmPool(target, config.rootfs.warm_clones,
+                                      on_change=metrics.spares.set)
 
     @classmethod
     async def open(cls, config: Config, metrics: Metrics) -> Engine:
@@ -176,6 +185,7 @@ class Engine:
         return cls(config, state, store, puller, target, metrics)
 
     async def close(self) -> None:
+        await self.warm.close()
         with contextlib.suppress(OSError):
             self.build_dir.rmdir()  # only when empty: recovery owns leftovers
         await asyncio.to_thread(self.target.close)
@@ -185,12 +195,17 @@ class Engine:
     # ------------------------------------------------------------------ helpers
     async def _once(self, key: tuple[str, ...], factory: Callable[[], Awaitable[T]]) -> T:
         """Single flight: concurrent callers with one key share one execution."""
+        return await asyncio.shield(self._flight(key, factory))
+
+    def _flight(self, key: tuple[str, ...], factory: Callable[[], Awaitable[T]]
+                ) -> asyncio.Future[T]:
+        """The running execution for ``key``, started from ``factory`` if there is none."""
         fut = self._flights.get(key)
         if fut is None:
             fut = asyncio.ensure_future(factory())
             self._flights[key] = fut
             fut.add_done_callback(lambda _f: self._flights.pop(key, None))
-        return await asyncio.shield(fut)
+        return fut
 
     @contextlib.asynccontextmanager
     async def _locked(self, container_id: str) -> AsyncIterator[None]:
@@ -221,32 +236,72 @@ class Engine:
     # ------------------------------------------------------------------ images
     async def pull(self, image: str, *, platform: str = "", fstype: str | None = None,
                    build: bool = True) -> ImageRecord:
-        """Resolve and fetch ``image``, then (unless ``build`` is False) build its base."""
+        """Resolve and fetch ``image``, and (unless ``build`` is False) build its base,
+        starting the build while the layers still download (see :mod:`.pipeline`)."""
         ref = self._reference(image)
-        plat = parse_platform(platform) if platform else self.platform
-        record = await self._once(("pull", str(ref), str(plat)),
-                                  lambda: self._pull(ref, plat))
-        if build:
-            await self._ensure_base(record.digest, self._fstype(fstype), str(ref))
+        fs = self._fstype(fstype) if build else None
+        record = await self._pull_once(ref, platform, fs)
+        if fs is not None:
+            await self._ensure_base(record.digest, fs, str(ref))
         return record
 
-    async def _pull(self, ref: Reference, plat: Platform) -> ImageRecord:
+    async def _pull_once(self, ref: Reference, platform: str,
+                         build_fs: str | None) -> ImageRecord:
+        """The single pull flight of (reference, platform); see :meth:`_pull`."""
+        plat = parse_platform(platform) if platform else self.platform
+        return await self._once(("pull", str(ref), str(plat)),
+                                lambda: self._pull(ref, plat, build_fs))
+
+    async def _pull(self, ref: Reference, plat: Platform,
+                    build_fs: str | None = None) -> ImageRecord:
+        """Pull; with ``build_fs``, also start building the base (as the ``("build", id)``
+        flight) as soon as the manifest is known, reading the layers as they arrive."""
         progress = PullProgress(str(ref))
         key = f"pull:{ref}"
         self._status[key] = PullStatus(str(ref), "", "downloading", progress, time.time())
+        abort = threading.Event()
+        gate = PullGate()
+        build: asyncio.Future[BaseRecord] | None = None
+
+        def on_manifest(plan: PullPlan) -> None:
+            nonlocal build
+            if build_fs is None:
+                return
+            base_id = base_id_for(plan.digest, build_fs)
+            if ("build", base_id) in self._flights:
+                return  # already being built (from the store, or by another pull)
+            source = StreamingSource(self.store, plan, abort)
+            build = self._flight(("build", base_id), lambda: self._build(
+                plan.digest, build_fs, base_id, str(ref), source=source, gate=gate))
+
         try:
             with bind(image=str(ref)):
                 pulled = await self.puller.pull(ref, platform=plat, progress=progress,
-                                                name=str(ref))
+                                                name=str(ref), on_manifest=on_manifest)
+        except BaseException as exc:
+            # Stop the streaming build and wait for its cleanup, so that when this error
+            # reaches the caller no partial image, mount or loop device is left.
+            abort.set()
+            gate.failed(exc)
+            if build is not None:
+                await asyncio.gather(asyncio.shield(build), return_exceptions=True)
+            raise
         finally:
             self._status.pop(key, None)
         self.metrics.pull_bytes.inc(pulled.bytes_fetched)
         size = pulled.manifest.config.size + sum(layer.size for layer in pulled.manifest.layers)
         record = ImageRecord(pulled.descriptor.digest, pulled.manifest.config.digest, str(plat),
                              size, time.time())
-        await self.state.put_image(record, str(ref))
+        try:
+            await self.state.put_image(record, str(ref))
+        except BaseException as exc:
+            abort.set()
+            gate.failed(exc)
+            raise
+        gate.succeeded()
         log.info("image pulled", extra={"image": str(ref), "digest": record.digest,
-                                        "bytes_fetched": pulled.bytes_fetched})
+                                        "bytes_fetched": pulled.bytes_fetched,
+                                        "streaming_build": build is not None})
         got = await self.state.get_image(record.digest)
         assert got is not None
         return got
@@ -256,10 +311,26 @@ class Engine:
         rec = await self.state.get_base(base_id)
         if rec is not None and rec.state is BaseState.READY:
             return rec
-        return await self._once(("build", base_id),
-                                lambda: self._build(digest, fstype, base_id, name))
+        try:
+            return await self._once(("build", base_id),
+                                    lambda: self._build(digest, fstype, base_id, name))
+        except IngestRestarted:
+            # We joined a streaming build whose download started over (its bytes can no
+            # longer be trusted); the pull finished, so build once more from the store.
+            log.info("streaming build lost its source; building from the store",
+                     extra={"base": base_id})
+            return await self._once(("build", base_id),
+                                    lambda: self._build(digest, fstype, base_id, name))
 
-    async def _build(self, digest: str, fstype: str, base_id: str, name: str) -> BaseRecord:
+    async def _build(self, digest: str, fstype: str, base_id: str, name: str, *,
+                     source: ImageSource | None = None,
+                     gate: PullGate | None = None) -> BaseRecord:
+        """Build and import the base. By default from the content store; a streaming build
+        reads ``source`` while the pull runs and imports only after ``gate`` opens."""
+        if gate is not None:
+            rec = await self.state.get_base(base_id)
+            if rec is not None and rec.state is BaseState.READY:
+                return rec
         key = f"build:{base_id}"
         self._status[key] = PullStatus(name, digest, "building", None, time.time())
         await self.state.put_base(BaseRecord(base_id, digest, fstype, BaseState.BUILDING))
@@ -267,7 +338,7 @@ class Engine:
         out = self.build_dir / f"{base_id}.img"
         rc = self.config.rootfs
         builder = RootfsBuilder(
-            OciLayoutSource(self.config.content_dir),
+            source or OciLayoutSource(self.config.content_dir),
             BuildConfig(fs_type="erofs" if fstype == "erofs" else "ext4",
                         size=SizePolicy(headroom_ratio=rc.headroom, min_size=rc.min_size,
                                         max_size=rc.max_size)))
@@ -275,8 +346,14 @@ class Engine:
         try:
             with bind(image=name, digest=digest):
                 result = await builder.abuild(digest, out)
+                if gate is not None:
+                    await gate.wait()  # every blob verified and committed by the pull
+                built = time.monotonic()
                 crash_point("build")
-                base = await asyncio.to_thread(self.target.import_base, result.image, base_id)
+                # The base is named by what it was built from, so importing it does not have
+                # to hash the whole image (a rebuild under this id only follows a rollback).
+                base = await asyncio.to_thread(self.target.import_base, result.image, base_id,
+                                               content_id=f"build:{digest}:{fstype}")
         except BaseException as exc:
             self.metrics.builds.labels("error").inc()
             await self.state.delete_base(base_id)
@@ -295,7 +372,10 @@ class Engine:
         await self.state.put_base(rec)
         self.metrics.builds.labels("ok").inc()
         log.info("base built", extra={"digest": digest, "base": base_id,
-                                      "seconds": round(seconds, 3)})
+                                      "seconds": round(seconds, 3),
+                                      "build_seconds": round(built - start, 3),
+                                      "import_seconds": round(time.monotonic() - built, 3),
+                                      "stages": result.record.get("stages", {})})
         await self.evict_bases(keep={base_id})
         return rec
 
@@ -335,13 +415,18 @@ class Engine:
                 f"({', '.join(v.container_id for v in volumes[:5])}); release them or force")
         for base in await self.state.list_bases(img.digest):
             if not any(v.base_id == base.id for v in volumes):
-                await asyncio.to_thread(self._destroy_base_quiet, base.id)
+                await self._drop_base(base.id)
                 await self.state.delete_base(base.id)
         for name in img.names:
             with contextlib.suppress(KataIpuError):
                 await asyncio.to_thread(self.store.untag, name)
         await self.state.delete_image(img.digest)
         log.info("image removed", extra={"image": image, "digest": img.digest})
+
+    async def _drop_base(self, base_id: str) -> None:
+        """Destroy a base, its idle spares first (they are clones of it)."""
+        await self.warm.drop(base_id)
+        await asyncio.to_thread(self._destroy_base_quiet, base_id)
 
     def _destroy_base_quiet(self, base_id: str) -> None:
         try:
@@ -365,30 +450,55 @@ class Engine:
                 if existing is not None:
                     return await self._existing(existing, ref, export)
                 cold = False
+                t0 = time.monotonic()
+                timings: dict[str, float] = {}
                 img = await self.state.get_image(str(ref))
                 if img is None:
                     cold = True
-                    img = await self.pull(str(ref), platform=platform, build=False)
+                    # Starts the base's build while the layers download; the base check
+                    # below joins that build.
+                    img = await self._pull_once(ref, platform, fs)
+                    timings["pull_seconds"] = round(time.monotonic() - t0, 3)
                 base = await self.state.get_base(base_id_for(img.digest, fs))
                 if base is None or base.state is not BaseState.READY:
                     cold = True
+                    t1 = time.monotonic()
                     base = await self._ensure_base(img.digest, fs, str(ref))
-                vol = VolumeRecord(container_id, container_id, base.id, str(ref), img.digest,
-                                   VolumeState.CREATING, export.name, {},
-                                   dict(annotations or {}), time.time())
-                await self.state.put_volume(vol)
-                try:
-                    device = await asyncio.to_thread(self._clone_export, base.id,
-                                                     container_id, export)
-                except BaseException:
-                    await asyncio.to_thread(self._destroy_quiet, container_id)
-                    await self.state.delete_volume(container_id)
-                    raise
-                vol = dataclasses.replace(vol, state=VolumeState.READY, device=device)
-                await self.state.put_volume(vol)
+                    timings["base_seconds"] = round(time.monotonic() - t1, 3)
+                t2 = time.monotonic()
+                spare = self.warm.take(base.id, export)
+                if spare is not None:  # already cloned and exported: only recorded now
+                    vol = VolumeRecord(container_id, spare.volume_id, base.id, str(ref),
+                                       img.digest, VolumeState.READY, export.name,
+                                       spare.device.to_json(), dict(annotations or {}),
+                                       time.time())
+                    try:
+                        await self.state.put_volume(vol)
+                    except BaseException:
+                        await asyncio.to_thread(self._release_blocking, spare.volume_id)
+                        raise
+                    device = vol.device
+                else:
+                    vol = VolumeRecord(container_id, container_id, base.id, str(ref),
+                                       img.digest, VolumeState.CREATING, export.name, {},
+                                       dict(annotations or {}), time.time())
+                    await self.state.put_volume(vol)
+                    try:
+                        device = await asyncio.to_thread(self._clone_export, base.id,
+                                                         container_id, export)
+                    except BaseException:
+                        await asyncio.to_thread(self._destroy_quiet, container_id)
+                        await self.state.delete_volume(container_id)
+                        raise
+                    vol = dataclasses.replace(vol, state=VolumeState.READY, device=device)
+                    await self.state.put_volume(vol)
+                self.warm.wanted(base.id, export)
                 self.metrics.volumes.inc()
+                timings["clone_export_seconds"] = round(time.monotonic() - t2, 3)
+                timings["seconds"] = round(time.monotonic() - t0, 3)
                 log.info("rootfs prepared", extra={"digest": img.digest, "cold": cold,
-                                                   "device": device.get("path")})
+                                                   "device": device.get("path"),
+                                                   "spare": spare is not None, **timings})
                 return Prepared(vol, cold)
 
     async def _existing(self, vol: VolumeRecord, ref: Reference,
@@ -463,7 +573,7 @@ class Engine:
         for base in await self.state.list_bases():
             if base.digest in images or any(v.base_id == base.id for v in volumes):
                 continue
-            await asyncio.to_thread(self._destroy_base_quiet, base.id)
+            await self._drop_base(base.id)
             await self.state.delete_base(base.id)
             removed += 1
         result = await asyncio.to_thread(collect, self.store)
@@ -483,7 +593,7 @@ class Engine:
                             key=lambda b: b.built_at)
         evicted = []
         for base in candidates:
-            await asyncio.to_thread(self._destroy_base_quiet, base.id)
+            await self._drop_base(base.id)
             await self.state.delete_base(base.id)
             evicted.append(base.id)
             log.info("base evicted above the high-water mark", extra={
@@ -494,6 +604,21 @@ class Engine:
                 break
         return evicted
 
+    def _release_build_devices(self) -> list[str]:
+        """Unmount and detach what a killed build left under the build directory."""
+        done = []
+        for mountpoint in fsutil.mounts_under(self.build_dir):
+            try:
+                DEFAULT.run(["umount", mountpoint])
+            except CommandFailed:
+                DEFAULT.run(["umount", "--lazy", mountpoint])
+            done.append(f"unmounted partial build {os.path.basename(mountpoint)}")
+        for minor, backing in loop.find_under(self.build_dir):
+            if loop.detach(minor, backing):
+                done.append(f"detached /dev/loop{minor} of partial build "
+                            f"{os.path.basename(backing)}")
+        return done
+
     async def recover(self) -> list[str]:
         """Reconcile the state database with the pool; returns the fixes made (also logged)."""
         fixes: list[str] = []
@@ -503,6 +628,10 @@ class Engine:
             log.warning("recovery: %s", msg, extra=extra)
 
         if self.build_dir.exists():
+            # A streaming build runs while its pull downloads, so a crash can leave its image
+            # mounted and loop-attached: release those before deleting the files.
+            for what in await asyncio.to_thread(self._release_build_devices):
+                fix(what)
             for leftover in self.build_dir.iterdir():
                 fix(f"removed partial build {leftover.name}")
                 if leftover.is_dir():

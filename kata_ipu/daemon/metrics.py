@@ -22,6 +22,7 @@ class Metrics:
     volumes: Gauge
     pool_bytes: Gauge
     images: Gauge
+    spares: Gauge
 
     @classmethod
     def create(cls) -> Metrics:
@@ -39,6 +40,8 @@ class Metrics:
             pool_bytes=Gauge("kata_ipu_pool_bytes", "Bytes used in the block pool",
                              registry=reg),
             images=Gauge("kata_ipu_images", "Images in the store", registry=reg),
+            spares=Gauge("kata_ipu_warm_spares", "Idle exported spare clones (warm pool)",
+                         registry=reg),
         )
 
     def serve(self, address: str) -> None:

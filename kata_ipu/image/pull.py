@@ -21,7 +21,7 @@ import asyncio
 import logging
 import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,6 +101,21 @@ class PulledImage:
     blobs: tuple[BlobProgress, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class PullPlan:
+    """What a pull is about to fetch, handed to ``on_manifest`` before any blob is downloaded
+    (so a consumer can start working on the blobs while they arrive)."""
+
+    digest: str
+    """Digest of the manifest as it will be stored and tagged (the OCI form for Docker
+    schema2 manifests): the image's identity in the store."""
+    manifest_data: bytes
+    config: Descriptor
+    layers: tuple[Descriptor, ...]
+    blob_tail: Callable[[Descriptor, int], bytes | None]
+    """Blocking: the last n bytes of a blob from the registry (a hint; None if unavailable)."""
+
+
 def select_platform(index: Index, want: Platform, where: str) -> Descriptor:
     """The best manifest of ``index`` for ``want``."""
     best: tuple[int, Descriptor] | None = None
@@ -159,18 +174,23 @@ class Puller:
 
     async def pull(self, ref: str | Reference, *, platform: Platform | None = None,
                    progress: PullProgress | None = None,
-                   name: str | None = None) -> PulledImage:
+                   name: str | None = None,
+                   on_manifest: Callable[[PullPlan], None] | None = None) -> PulledImage:
+        """Pull ``ref``. ``on_manifest`` (called in the event loop, once the manifest is
+        resolved and before blobs are fetched) lets a caller consume blobs as they arrive."""
         reference = parse_reference(ref) if isinstance(ref, str) else ref
         progress = progress or PullProgress(str(reference))
         with bind(image_ref=str(reference)):
             try:
-                return await self._pull(reference, platform or self.platform, progress, name)
+                return await self._pull(reference, platform or self.platform, progress, name,
+                                        on_manifest)
             except BaseException:
                 progress.phase = "failed"
                 raise
 
     async def _pull(self, ref: Reference, want: Platform, progress: PullProgress,
-                    name: str | None) -> PulledImage:
+                    name: str | None,
+                    on_manifest: Callable[[PullPlan], None] | None = None) -> PulledImage:
         client = self.client(ref.registry)
         resolved = await asyncio.to_thread(client.resolve, ref)
         top = resolved.descriptor
@@ -200,9 +220,20 @@ class Puller:
                          extra={"digest": d.digest})
         lease_id = f"pull-{uuid.uuid4().hex}"
         roots = [manifest_desc, *blobs] + ([index_desc] if index_desc else [])
+        oci_data = b""
+        if manifest.media_type == mt.DOCKER_MANIFEST:
+            # skopeo/umoci only read OCI manifests from a layout: tag the OCI form,
+            # keep the registry's bytes too (they are what the digest names).
+            oci_data = to_oci_manifest(manifest)
         self.store.leases.create(lease_id, roots, labels={"ref": str(ref)}, temporary=True)
         try:
             progress.phase = "fetching"
+            if on_manifest is not None:
+                repository = ref.repository
+                on_manifest(PullPlan(
+                    digest_bytes(oci_data) if oci_data else manifest_desc.digest,
+                    oci_data or manifest_data, manifest.config, tuple(manifest.layers),
+                    lambda d, n: client.fetch_blob_tail(repository, d, n)))
             fetched = await self._fetch_all(client, ref.repository, blobs, progress)
             config = parse_config(self.store.read_blob(manifest.config.digest),
                                   where=f"config {manifest.config.digest} of {ref}")
@@ -217,10 +248,7 @@ class Puller:
                 self.store.write_blob(index_data, index_desc.media_type)
             stored_desc, stored = manifest_desc, manifest
             annotations: dict[str, str] = {}
-            if manifest.media_type == mt.DOCKER_MANIFEST:
-                # skopeo/umoci only read OCI manifests from a layout: tag the OCI form,
-                # keep the registry's bytes too (they are what the digest names).
-                oci_data = to_oci_manifest(manifest)
+            if oci_data:
                 oci_desc = Descriptor(mt.OCI_MANIFEST, digest_bytes(oci_data), len(oci_data))
                 self.store.leases.add(lease_id, oci_desc)
                 stored_desc = self.store.write_blob(oci_data, mt.OCI_MANIFEST)

@@ -321,6 +321,46 @@ class RegistryClient:
             finally:
                 resp.close()
 
+    def fetch_blob_tail(self, repository: str, desc: Descriptor, n: int, *,
+                        timeout: float = 2.0) -> bytes | None:
+        """The last ``n`` bytes of a blob through one ranged request, or None on any problem.
+
+        Only ever a hint (a gzip trailer's size field), so: the first host that serves the
+        blob, no retries, a short timeout, redirects followed without credentials.
+        """
+        if desc.size < n:
+            return None
+        hosts = self._hosts("pull")
+        if not hosts:
+            return None
+        host = hosts[0]
+        quick = Timeouts(connect=timeout, stall=timeout, total=timeout)
+        url = self._url(host, f"/{repository}/blobs/{desc.digest}")
+        headers = {**host.headers, "Accept": "*/*", "Range": f"bytes={desc.size - n}-"}
+        auth = self.auth.header(host, self.scope(repository))
+        if auth:
+            headers["Authorization"] = auth
+        try:
+            for _ in range(4):
+                resp = self.transport.open("GET", url, headers,
+                                           host=host if url.startswith(host.base_url) else None,
+                                           timeouts=quick)
+                try:
+                    location = resp.header("Location")
+                    if resp.status in _REDIRECTS and location:
+                        url = urljoin(url, location)
+                        headers.pop("Authorization", None)
+                        continue
+                    if resp.status != 206:
+                        return None  # a 200 would send the whole blob: not worth it
+                    data = resp.read(n + 1)
+                    return data if len(data) == n else None
+                finally:
+                    resp.close()
+        except (OSError, http.client.HTTPException, KataIpuError, ValueError) as exc:
+            log.debug("no blob tail", extra={"digest": desc.digest, "error": str(exc)})
+        return None
+
     @staticmethod
     def _check_blob_response(resp: Response, desc: Descriptor, writer: IngestWriter,
                              what: str, host: RegistryHost) -> None:

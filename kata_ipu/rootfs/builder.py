@@ -7,6 +7,10 @@
     # result.image, result.record_path (<image>.build.json)
 
 Each layer is read once: blob -> verify digest/size -> decompress -> hash diff_id -> apply.
+A source may hand out blob readers that verify themselves (:class:`~kata_ipu.rootfs.oci.
+SelfVerifyingBlob`, e.g. the daemon's reader of a download in progress, whose bytes the
+download already hashes) and cheap size hints (:class:`~kata_ipu.rootfs.oci.SizeHints`) that
+size the loop writer's first format close to the final size.
 Nothing becomes visible at the output path until the image is complete, synced and (ext4)
 ``e2fsck -fn`` clean; then it is renamed into place and the build record is written next to it.
 On any error or cancellation (``threading.Event`` or asyncio task cancellation) the writer's
@@ -32,7 +36,8 @@ from kata_ipu.errors import InvalidArgument
 from kata_ipu.executor import DEFAULT, Executor
 from kata_ipu.rootfs.apply import Applier, Limits
 from kata_ipu.rootfs.errors import BuildCancelled, ImageTooLarge
-from kata_ipu.rootfs.oci import ImageSource, Manifest
+from kata_ipu.rootfs.oci import ImageSource, Manifest, SelfVerifyingBlob, SizeHints
+from kata_ipu.rootfs.sizing import TreeUsage, ext4_geometry
 from kata_ipu.rootfs.tarstream import (
     DiffIdReader,
     PrefetchReader,
@@ -76,6 +81,9 @@ def record_path_for(image: Path) -> Path:
 
 
 class RootfsBuilder:
+    TREE_PER_TAR = 1.1
+    """First-guess ext4 bytes per tar byte (see :meth:`_first_size`)."""
+
     def __init__(self, source: ImageSource, config: BuildConfig | None = None, *,
                  executor: Executor = DEFAULT) -> None:
         self.source = source
@@ -88,14 +96,35 @@ class RootfsBuilder:
         if c.fs_type == "erofs":
             return ErofsWriter(partial, c.size, seed, self.executor)
         if c.ext4_strategy == "loop":
-            # gzip'd filesystem trees are typically 2.5-4x smaller than the tree; start a bit
-            # above that and let the writer grow online for the rare better-compressed image.
-            compressed = sum(layer.descriptor.size for layer in manifest.layers)
-            initial = 6 * compressed + c.size.headroom_bytes + 128 * (1 << 20)
-            if retry:
-                initial = c.size.max_size
+            initial = c.size.max_size if retry else self._first_size(manifest)
             return LoopExt4Writer(partial, c.size, seed, self.executor, initial_size=initial)
         return StagedExt4Writer(partial, c.size, seed, self.executor)
+
+    def _first_size(self, manifest: Manifest) -> int:
+        """The loop writer's first format: close above the honest size when the layers give
+        size hints (see :mod:`~kata_ipu.rootfs.sizehint`), so the final shrink moves little.
+        """
+        c = self.config
+        tar_bytes = 0
+        hinted = self.source if isinstance(self.source, SizeHints) else None
+        for layer in manifest.layers:
+            size = layer.descriptor.size
+            hint = hinted.size_hint(layer) if hinted is not None else None
+            # gzip'd filesystem trees are typically 2.5-4x smaller than the tree; without a
+            # hint start a bit above that (running out of room means starting over).
+            tar_bytes += hint if hint is not None else 6 * size
+        # tar rounds files to 512 bytes, ext4 to 4 KiB blocks: a little more than the tar,
+        # and the headroom the geometry adds absorbs trees of many small files.
+        tree = int(tar_bytes * self.TREE_PER_TAR) + 4 * (1 << 20)
+        usage = TreeUsage(inodes=0, data_bytes=tree, block_bytes=tree)
+        journal = LoopExt4Writer.journal_mib_for(tree)
+        try:
+            return ext4_geometry(usage, headroom_ratio=c.size.headroom_ratio,
+                                 headroom_bytes=c.size.headroom_bytes, min_size=c.size.min_size,
+                                 max_size=c.size.max_size, journal_mib=journal,
+                                 bytes_per_inode=LoopExt4Writer.BYTES_PER_INODE).size_bytes
+        except ImageTooLarge:
+            return c.size.max_size
 
     def build(self, manifest_digest: str, out: str | os.PathLike[str], *,
               cancel: threading.Event | None = None) -> BuildResult:
@@ -149,10 +178,13 @@ class RootfsBuilder:
             "fs_type": info.fs_type,
             "strategy": info.strategy,
             "size_bytes": info.size_bytes,
+            "first_size_bytes": info.first_size_bytes,
             "tree": None if info.tree is None else {
                 "inodes": info.tree.inodes, "data_bytes": info.tree.data_bytes,
                 "block_bytes": info.tree.block_bytes},
             "fsck": info.fsck,
+            "stages": {"apply": round(sum(layer["seconds"] for layer in layers), 3),
+                       **info.stages},
             "build_seconds": round(time.monotonic() - start, 3),
             "build_cpu_seconds": round(time.process_time() - cpu0, 3),
             "built_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -191,7 +223,9 @@ class RootfsBuilder:
             for i, (layer, diff_id) in enumerate(zip(manifest.layers, diff_ids, strict=True)):
                 t0 = time.monotonic()
                 with self.source.open_blob(layer.digest) as raw:
-                    blob = VerifiedReader(raw, layer.digest, layer.descriptor.size)
+                    blob: SelfVerifyingBlob = (
+                        raw if isinstance(raw, SelfVerifyingBlob)
+                        else VerifiedReader(raw, layer.digest, layer.descriptor.size))
                     tar = DiffIdReader(decompressor(layer.compression, blob), layer=i,
                                        diff_id=diff_id, limit=c.max_layer_bytes)
                     prefetch = PrefetchReader(tar)

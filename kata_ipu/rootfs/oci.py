@@ -15,10 +15,11 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, runtime_checkable
 
 from kata_ipu.errors import InvalidArgument
 from kata_ipu.rootfs.errors import BlobDigestMismatch, BlobNotFound, UnsupportedMedia
+from kata_ipu.rootfs.sizehint import uncompressed_hint
 
 MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -137,6 +138,25 @@ class ImageSource(Protocol):
         ...
 
 
+@runtime_checkable
+class SelfVerifyingBlob(Protocol):
+    """A reader from :meth:`ImageSource.open_blob` that checks what it delivered itself:
+    :meth:`finish` reads to the end and raises unless exactly the blob (digest, size) was
+    read. The builder then does not hash the blob a second time."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+    def finish(self) -> None: ...
+
+
+@runtime_checkable
+class SizeHints(Protocol):
+    """Optional extra of an :class:`ImageSource`: a cheap guess of a layer's tar size
+    (see :mod:`~kata_ipu.rootfs.sizehint`), used to size the image before building it."""
+
+    def size_hint(self, layer: Layer) -> int | None: ...
+
+
 class OciLayoutSource:
     """An OCI image-layout directory as an :class:`ImageSource`."""
 
@@ -154,6 +174,13 @@ class OciLayoutSource:
             return open(self.blob_path(digest), "rb")
         except FileNotFoundError as exc:
             raise BlobNotFound(digest) from exc
+
+    def size_hint(self, layer: Layer) -> int | None:
+        try:
+            with open(self.blob_path(layer.digest), "rb") as f:
+                return uncompressed_hint(f, layer.compression, layer.descriptor.size)
+        except FileNotFoundError:
+            return None
 
     def _read_json_blob(self, desc_digest: str, size: int | None) -> bytes:
         with self.open_blob(desc_digest) as f:

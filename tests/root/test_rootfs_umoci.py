@@ -11,7 +11,9 @@ against umoci's unpack of the same tars gzip-compressed (same diff_ids).
 
 from __future__ import annotations
 
+import gzip
 import json
+import logging
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -95,7 +97,7 @@ def _build_and_snapshot(image: Image, tmp: Path, config: BuildConfig,
 CASES = [("busybox", "ext4", "stage"), ("busybox", "erofs", "stage"),
          ("zoo", "ext4", "stage"), ("zoo", "ext4", "loop"), ("zoo", "erofs", "stage"),
          ("zoo-none", "ext4", "stage"), ("zoo-zstd", "ext4", "stage"),
-         ("debian", "ext4", "stage"), ("debian", "erofs", "stage")]
+         ("debian", "ext4", "stage"), ("debian", "ext4", "loop"), ("debian", "erofs", "stage")]
 
 
 @pytest.mark.parametrize(("name", "fs_type", "strategy"), CASES,
@@ -157,22 +159,48 @@ def test_ext4_is_honestly_sized_and_container_gets_enospc(images: dict[str, Imag
     assert leftovers(tmp_path) == []
 
 
-def test_loop_strategy_restarts_when_first_size_guess_is_too_small(tmp_path: Path) -> None:
-    """A 300 MiB file of zeros is ~300 KiB of gzip: the first format (sized from compressed
-    bytes) is far too small, so the builder starts over at the maximum size, then still
-    resizes the result to the honest size (content + headroom)."""
+def test_loop_strategy_restarts_when_first_size_guess_is_too_small(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A 300 MiB file of zeros is ~300 KiB of gzip. With a second, empty gzip member the
+    trailer's size hint says 0 (unusable), so the first format (sized from compressed bytes)
+    is far too small: the builder starts over at the maximum size, then still resizes the
+    result to the honest size (content + headroom)."""
     require_root()
     require_programs(*PROGRAMS)
     layout = OciLayout(tmp_path / "oci")
     blob, diff_id = gzip_bomb(300 << 20)
+    blob += gzip.compress(b"")  # multi-member: same tar, same diff_id
     digest = add_raw_image(layout, [(blob, MT_LAYER["gzip"])], [diff_id], "zeros")
     out = tmp_path / "img.ext4"
-    result = RootfsBuilder(OciLayoutSource(layout.path), BuildConfig(ext4_strategy="loop")
-                           ).build(digest, out)
+    with caplog.at_level(logging.INFO, logger="kata_ipu.rootfs"):
+        result = RootfsBuilder(OciLayoutSource(layout.path), BuildConfig(ext4_strategy="loop")
+                               ).build(digest, out)
+    assert "image larger than guessed, rebuilding at the maximum size" in caplog.messages
     assert 300 << 20 < result.record["size_bytes"] < 500 << 20
     subprocess.run(["e2fsck", "-fn", str(out)], check=True, capture_output=True)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     with mounted(out, mnt, fstype="ext4"):
         assert (mnt / "bomb").stat().st_size == 300 << 20
+    assert leftovers(tmp_path) == []
+
+
+def test_loop_strategy_sizes_its_first_format_from_the_gzip_size_hint(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The same 300 MiB of zeros in one gzip member: the trailer tells the tar size, so the
+    first format is already close above the honest size and nothing restarts."""
+    require_root()
+    require_programs(*PROGRAMS)
+    layout = OciLayout(tmp_path / "oci")
+    blob, diff_id = gzip_bomb(300 << 20)
+    digest = add_raw_image(layout, [(blob, MT_LAYER["gzip"])], [diff_id], "zeros")
+    out = tmp_path / "img.ext4"
+    with caplog.at_level(logging.INFO, logger="kata_ipu.rootfs"):
+        result = RootfsBuilder(OciLayoutSource(layout.path), BuildConfig(ext4_strategy="loop")
+                               ).build(digest, out)
+    assert "image larger than guessed, rebuilding at the maximum size" not in caplog.messages
+    final = result.record["size_bytes"]
+    first = result.record["first_size_bytes"]
+    assert final <= first < final * 1.25
+    subprocess.run(["e2fsck", "-fn", str(out)], check=True, capture_output=True)
     assert leftovers(tmp_path) == []

@@ -170,3 +170,13 @@ def test_cancelled_error_maps_to_cancelled() -> None:
 def test_shipped_default_config_loads_and_matches_the_defaults() -> None:
     shipped = Path(__file__).parents[2] / "configs" / "ipud.toml"
     assert config.load(shipped) == config.load(shipped.with_name("does-not-exist.toml"))
+
+
+@pytest.mark.parametrize("value", ["-1", "true", '"2"', "1.5"])
+def test_warm_clones_must_be_a_whole_number(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "ipud.toml"
+    path.write_text(f"[rootfs]\nwarm_clones = {value}\n")
+    with pytest.raises(errors.InvalidArgument, match=r"\[rootfs\] warm_clones must be a whole"):
+        config.load(path)
+    path.write_text("[rootfs]\nwarm_clones = 3\n")
+    assert config.load(path).rootfs.warm_clones == 3
