@@ -8,9 +8,12 @@ a ``fork()`` of it instead (docs/adr/0004-resident-shim-server.md).
 Lifecycle::
 
     preload → listen (SOCK_SEQPACKET, mode 0600) → READY=1 → serving
-    serving: accept → peer check (SO_PEERCRED: our uid) → receive the hand-off (one message +
-             the launcher's stdin/stdout/stderr, :mod:`shim_hooks.handoff`) → fork → close our
-             copies → serving
+    serving: keep one spare (a pre-forked child) accepting; when it takes a ``start``, fork
+             the next one
+    spare:   accept → peer check (SO_PEERCRED: our uid) → receive the hand-off (one message +
+             the launcher's stdin/stdout/stderr, :mod:`shim_hooks.handoff`) →
+             ``start``: become the proxy | ``delete``: run it in a detached grandchild, stay
+             a spare | refused: log, stay a spare
     SIGTERM/SIGINT → stop accepting, remove the socket, exit 0
 
 The children are the proxies of live containers. Stopping or killing the server does not touch
@@ -265,19 +268,33 @@ class ShimServer:
                 conn, _ = self._sock.accept()
             except BlockingIOError:
                 continue  # another spare took it
+            conn.setblocking(True)
+            got = self._receive(conn)
+            if got is None:
+                conn.close()  # refused: this spare stays idle
+                continue
+            request, fds, peer = got
+            if request.argv[-1] != "start":
+                # `delete` runs after every container: not worth a warm spare
+                self._detached(conn, request, fds, peer)
+                continue
             break
         os.write(self._taken_w, struct.pack("i", os.getpid()))
-        # A proxy holding the listening socket would keep it connectable after the server
-        # is gone, and launchers would queue there forever.
+        self._leave()
+        with conn:
+            return _child(conn, request, fds, peer)
+
+    def _leave(self) -> None:
+        """Let go of the server's descriptors: a proxy holding the listening socket would keep
+        it connectable after the server is gone, and launchers would queue there forever."""
+        assert self._sock is not None
         for fd in (self._taken_w, self._alive_r):
             os.close(fd)
         self._sock.close()
-        conn.setblocking(True)
-        with conn:
-            return self.handle(conn)
 
-    def handle(self, conn: socket.socket) -> int:
-        """One hand-off, in the spare that accepted it; returns the exit status."""
+    def _receive(self, conn: socket.socket
+                 ) -> tuple[handoff.Request, list[int], Peer] | None:
+        """One hand-off from ``conn``, or None (logged) when it is refused."""
         try:
             peer = peer_of(conn)
             if peer.uid != os.getuid():
@@ -285,9 +302,30 @@ class ShimServer:
             request, fds = receive(conn)
         except (handoff.HandoffError, OSError) as exc:
             log.warning("refused a start hand-off: %s", exc)
-            return 1
+            return None
         log.debug("hand-off", extra={"peer": peer.pid, "argv": request.argv})
-        return _child(conn, request, fds, peer)
+        return request, fds, peer
+
+    def _detached(self, conn: socket.socket, request: handoff.Request, fds: list[int],
+                  peer: Peer) -> None:
+        """Run a hand-off in a grandchild (reaped by init) and stay a spare."""
+        pid = os.fork()
+        if pid == 0:
+            rc = 1
+            try:
+                if os.fork() == 0:
+                    self._leave()
+                    rc = _child(conn, request, fds, peer)
+                else:
+                    rc = 0
+            except BaseException:
+                log.exception("hand-off failed")
+            finally:
+                os._exit(rc)
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+        os.waitpid(pid, 0)
 
 
 def _read_whole(fd: int) -> bytes:

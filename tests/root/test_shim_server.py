@@ -282,6 +282,7 @@ def test_proxy_killed_then_task_delete_releases_through_the_servers_delete(
     ctd.ctr("run", "-d", "--runtime", RUNTIME, "--annotation", f"{IMAGE_ANN}={env.ref}",
             env.ref, cid, "sleep", "600")
     (proxy,) = _proxies_under(ctd.workdir)
+    spares = set(server.children()) - {proxy}
     os.kill(proxy, signal.SIGKILL)
     # containerd sees the shim gone and runs `delete`, which the launcher hands to the server:
     # it stops the orphaned delegate and releases the volume
@@ -291,6 +292,7 @@ def test_proxy_killed_then_task_delete_releases_through_the_servers_delete(
         time.sleep(0.1)
     handoffs = [line for line in server.log.read_text().splitlines() if '"hand-off"' in line]
     assert any(f'/{cid}","delete"]' in line for line in handoffs), handoffs
+    assert spares <= set(server.children()), "a delete used up the warm spare"
     ctd.ctr("task", "delete", "-f", cid, check=False)
     ctd.ctr("container", "rm", cid)
 
