@@ -37,6 +37,7 @@ class Prepared:
     fstype: str
     options: tuple[str, ...]
     cold: bool
+    mountpoint: str = ""  # where the proxy mounted it on the host itself ("" if it did not)
 
     def mount(self) -> Mount:
         """The one rootfs mount containerd's shims understand: ``ext4 /dev/loopN``."""
@@ -45,7 +46,8 @@ class Prepared:
     def record(self) -> dict[str, object]:
         return {"key": self.key, "image": self.image, "image_digest": self.image_digest,
                 "volume_id": self.volume_id, "device": self.path, "major": self.major,
-                "minor": self.minor, "fstype": self.fstype, "cold": self.cold}
+                "minor": self.minor, "fstype": self.fstype, "cold": self.cold,
+                **({"mountpoint": self.mountpoint} if self.mountpoint else {})}
 
 
 async def _connect(address: str) -> Client:

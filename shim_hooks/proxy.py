@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -33,6 +34,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kata_ipu import log as jsonlog
 from kata_ipu.errors import KataIpuError
@@ -40,7 +42,7 @@ from kata_ipu.protowire import WireError
 from kata_ipu.ttrpc import NAMESPACE_KEY, CallContext, Client, Metadata, Server
 from kata_ipu.ttrpc.errors import ConnectionClosed
 from shim_hooks import bundle as bundles
-from shim_hooks import ipu
+from shim_hooks import hostmount, ipu
 from shim_hooks.config import ShimConfig
 from shim_hooks.taskapi import (
     TASK_METHODS,
@@ -62,6 +64,7 @@ REMEMBER_DELAY = 0.5  # seconds to wait for containerd's Connect before asking t
 class _Volume:
     key: str
     bundle: Path
+    mountpoint: str = ""
 
 
 async def prepare(cfg: ShimConfig, namespace: str, cid: str, bundle: Path) -> ipu.Prepared | None:
@@ -88,12 +91,41 @@ async def prepare(cfg: ShimConfig, namespace: str, cid: str, bundle: Path) -> ip
         cfg.address, key, plan.image, plan.export,
         {"containerd.io/namespace": namespace, "containerd.io/id": cid, **sandbox},
         cfg.timeout)
+    if premounts(cfg, prepared):
+        # recorded before it is mounted: the delete action unmounts whatever is there
+        prepared = dataclasses.replace(prepared, mountpoint=str(bundle / "rootfs"))
     bundles.write_json(bundle / bundles.VOLUME_RECORD, {**prepared.record(),
                                                         "address": cfg.address})
+    if prepared.mountpoint:
+        try:
+            await asyncio.to_thread(premount, prepared, bundle, spec)
+        except (OSError, KataIpuError) as exc:
+            log.warning("mounting the rootfs ahead of Create failed, the delegate will: %s",
+                        exc)
+            prepared = dataclasses.replace(prepared, mountpoint="")
     log.info("rootfs prepared", extra={
         "image": prepared.image, "device": prepared.path, "cold": prepared.cold,
+        "mounted": bool(prepared.mountpoint),
         "prepare_seconds": round(time.monotonic() - t0, 6)})
     return prepared
+
+
+def premounts(cfg: ShimConfig, prepared: ipu.Prepared) -> bool:
+    """runc's shim would mount the device as its first step of ``Create``; the proxy does it
+    already, while the delegate starts. Kata's shim must get the device itself (it hot-plugs
+    it into the VM)."""
+    return cfg.delegate == "runc" and prepared.path.startswith("/dev/")
+
+
+def premount(prepared: ipu.Prepared, bundle: Path, spec: dict[str, Any]) -> None:
+    """Mount the device at ``<bundle>/rootfs``, point ``root.path`` there and start reading
+    the container's program ahead (its pages are cold in a fresh clone)."""
+    target = Path(prepared.mountpoint)
+    target.mkdir(mode=0o711, exist_ok=True)
+    if (spec.get("root") or {}).get("path") != "rootfs":
+        bundles.set_root_path(bundle, "rootfs")
+    hostmount.mount(prepared.path, target, prepared.fstype, prepared.options)
+    hostmount.prefetch_entrypoint(target, spec)
 
 
 class EarlyPrepare:
@@ -173,6 +205,8 @@ class EarlyPrepare:
         if prepared is None:
             return
         try:
+            if prepared.mountpoint:
+                await asyncio.to_thread(hostmount.umount, prepared.mountpoint)
             await ipu.release(self.cfg.address, prepared.key)
         except (KataIpuError, OSError) as exc:
             log.error("kata-ipu: the rootfs volume %s was not released: %s", prepared.key, exc)
@@ -256,8 +290,10 @@ class TaskProxy:
             if prepared is None:  # a CRI sandbox: its rootfs is the pause image's
                 return await self.forward("Create", ctx, payload)
             bundle = Path(req.bundle)
-            self.volumes[req.id] = _Volume(prepared.key, bundle)
+            self.volumes[req.id] = _Volume(prepared.key, bundle, prepared.mountpoint)
             try:
+                if prepared.mountpoint:  # mounted already: no mounts for the delegate
+                    return await self.forward("Create", ctx, replace_rootfs(payload, ()))
                 spec = bundles.read_spec(bundle)
                 if (spec.get("root") or {}).get("path") != "rootfs":
                     bundles.set_root_path(bundle, "rootfs")
@@ -282,6 +318,8 @@ class TaskProxy:
         if vol is None:
             return
         try:
+            if vol.mountpoint:
+                await asyncio.to_thread(hostmount.umount, vol.mountpoint)
             await ipu.release(self.cfg.address, vol.key)
         except (KataIpuError, OSError) as exc:
             log.error("kata-ipu: the rootfs volume %s was not released: %s", vol.key, exc)

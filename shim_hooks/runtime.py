@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, NoReturn
 from kata_ipu.errors import KataIpuError
 from shim_hooks import bundle as bundles
 from shim_hooks import config as shimconfig
+from shim_hooks import hostmount
 from shim_hooks.runccli import RuncArgs, parse
 
 if TYPE_CHECKING:
@@ -88,28 +89,6 @@ def _volume_key(root: str, cid: str) -> str:
     return bundles.volume_key(Path(root).name, cid)
 
 
-def _mount(device: str, fstype: str, options: tuple[str, ...], target: Path) -> None:
-    argv = ["mount", "-t", fstype, *(["-o", ",".join(options)] if options else []),
-            device, str(target)]
-    res = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        raise OSError(f"mount {device} on {target} failed: {res.stderr.strip()}")
-
-
-def _is_mounted(target: Path) -> bool:
-    needle = f" {target} "
-    with open("/proc/self/mounts", encoding="utf-8") as f:
-        return any(needle in line for line in f)
-
-
-def _umount(target: Path) -> None:
-    if not _is_mounted(target):
-        return
-    res = subprocess.run(["umount", str(target)], capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)
-
-
 def _prepare(cfg: shimconfig.ShimConfig, key: str, image: str, export: str,
              root: str) -> Prepared:
     import asyncio  # noqa: PLC0415 - only IPU containers pay for the ttrpc client
@@ -155,7 +134,7 @@ def create(args: RuncArgs, cfg: shimconfig.ShimConfig, rlog: RuntimeLog) -> int:
               "mountpoint": str(target)}
     try:
         target.mkdir(exist_ok=True)
-        _mount(prepared.path, prepared.fstype, prepared.options, target)
+        hostmount.mount(prepared.path, target, prepared.fstype, prepared.options)
         record["root_path"] = bundles.set_root_path(bundle, str(target))
         state.parent.mkdir(parents=True, exist_ok=True)
         bundles.write_json(state, record)
@@ -174,7 +153,10 @@ def create(args: RuncArgs, cfg: shimconfig.ShimConfig, rlog: RuntimeLog) -> int:
 def _undo(cfg: shimconfig.ShimConfig, record: dict[str, object], state: Path,
           rlog: RuntimeLog) -> None:
     target = Path(str(record["mountpoint"]))
-    _umount(target)
+    try:
+        hostmount.umount(target)
+    except hostmount.MountError as exc:
+        rlog.write("error", str(exc))
     try:
         target.rmdir()
     except OSError:

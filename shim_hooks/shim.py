@@ -380,10 +380,15 @@ def delete(args: argparse.Namespace, cfg: shimconfig.ShimConfig) -> bytes:
         from shim_hooks import ipu  # noqa: PLC0415 - only a dead shim's volume needs it
 
         try:
+            mountpoint = volume.get("mountpoint")
+            if isinstance(mountpoint, str) and mountpoint:  # the proxy mounted it itself
+                from shim_hooks import hostmount  # noqa: PLC0415 - only then
+
+                hostmount.umount(mountpoint)
             asyncio.run(ipu.release(address, volume["key"]))
             bundles.remove(bundle / bundles.VOLUME_RECORD)
             log.info("rootfs released after a dead shim", extra={"key": volume["key"]})
-        except KataIpuError as exc:
+        except (KataIpuError, OSError) as exc:
             log.error("%s", exc)
             raise ShimError(str(exc)) from exc
     if not reply:

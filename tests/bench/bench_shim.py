@@ -46,6 +46,7 @@ ANN = "io.katacontainers.ipu.image"
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 CMD = ["/bin/sh", "-c", "echo ready"]  # absolute: --rootfs gives no image PATH
+SETTLE = 0.5  # seconds between runs
 
 
 def first_line(ctd: Containerd, *args: str) -> float:
@@ -180,6 +181,9 @@ def _bench(fast: Containerd, pylaunch: Containerd, inproc: Containerd, ref: dict
     results: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(runs):  # interleaved, so drift hits every variant alike
         for name, fn in variants.items():
+            # let the previous run's teardown (containerd runs the shim's `delete` after every
+            # container; the wrapper's is a Python process) finish before the next one starts
+            time.sleep(SETTLE)
             results[name].append(fn())
     # cold
     empty = work / "empty-rootfs"

@@ -47,6 +47,12 @@ CLI = str(Path(sys.executable).with_name("kata-ipu"))
 SERVER_CORE_SOFT = 4096
 
 
+def slow_exit(command: str) -> tuple[str, str, str]:
+    """ctr can lose the output of a process that exits at once (its copy races the task's
+    end): ``sh -c "<command>; sleep 0.2"`` leaves it the time."""
+    return ("sh", "-c", f"{command}; sleep 0.2")
+
+
 class Server:
     """kata-ipu-shimd on a private socket, with limits that differ from containerd's."""
 
@@ -208,7 +214,8 @@ def test_start_through_the_server_runs_on_the_ipu_device_in_containerds_context(
     assert _limits(task[0], "Max core file size") == core
     assert core[0] != str(SERVER_CORE_SOFT)
     assert _limits(server.pid, "Max core file size")[0] == str(SERVER_CORE_SOFT)
-    exe = ctd.ctr("task", "exec", "--exec-id", "e1", cid, "cat", "/etc/motd", check=False)
+    exe = ctd.ctr("task", "exec", "--exec-id", "e1", cid, *slow_exit("cat /etc/motd"),
+                  check=False)
     assert (exe.returncode, exe.stdout) == (0, "via kata-ipu-shimd\n")
     ctd.ctr("task", "kill", "-s", "SIGKILL", cid)
     _wait_status(ctd, cid, "STOPPED")
@@ -234,7 +241,8 @@ def test_concurrent_starts_through_the_server(env: Env, server: Server,
     def run(i: int) -> subprocess.CompletedProcess[str]:
         return ctd.ctr("run", "--rm", "--runtime", RUNTIME, "--annotation",
                        f"{IMAGE_ANN}={env.ref}", env.ref, f"conc{i}", "sh", "-c",
-                       "head -n1 /etc/motd; grep ' / ' /proc/mounts | cut -d' ' -f1-3",
+                       "head -n1 /etc/motd; grep ' / ' /proc/mounts | cut -d' ' -f1-3; "
+                       "sleep 0.2",
                        check=False, timeout=120)
 
     with ThreadPoolExecutor(8) as pool:
@@ -242,6 +250,7 @@ def test_concurrent_starts_through_the_server(env: Env, server: Server,
     assert [r.returncode for r in results] == [0] * 8, [r.stderr for r in results]
     devices = set()
     for r in results:
+        assert r.stdout.count("\n") == 2, (r.stdout, r.stderr)
         motd, mount = r.stdout.split("\n", 1)
         assert motd == "via kata-ipu-shimd"
         device, point, fstype = mount.split()
@@ -272,7 +281,7 @@ def test_killed_server_leaves_running_containers_alone_and_start_falls_back(
     assert env.volumes() == []
     # no server: the launcher runs the start in-process
     out = ctd.ctr("run", "--rm", "--runtime", RUNTIME, "--annotation",
-                  f"{IMAGE_ANN}={env.ref}", env.ref, "after", "cat", "/etc/motd")
+                  f"{IMAGE_ANN}={env.ref}", env.ref, "after", *slow_exit("cat /etc/motd"))
     assert out.stdout == "via kata-ipu-shimd\n"
 
 
@@ -318,7 +327,7 @@ def test_bad_hand_offs_are_refused_and_the_server_keeps_serving(
     try:
         c.ctr("image", "pull", "--plain-http", env.ref, timeout=300)
         out = c.ctr("run", "--rm", "--runtime", RUNTIME, "--annotation",
-                    f"{IMAGE_ANN}={env.ref}", env.ref, "good", "cat", "/etc/motd")
+                    f"{IMAGE_ANN}={env.ref}", env.ref, "good", *slow_exit("cat /etc/motd"))
         assert out.stdout == "via kata-ipu-shimd\n"
     finally:
         c.teardown()
