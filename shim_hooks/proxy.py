@@ -30,6 +30,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -118,14 +119,16 @@ def premounts(cfg: ShimConfig, prepared: ipu.Prepared) -> bool:
 
 
 def premount(prepared: ipu.Prepared, bundle: Path, spec: dict[str, Any]) -> None:
-    """Mount the device at ``<bundle>/rootfs``, point ``root.path`` there and start reading
-    the container's program ahead (its pages are cold in a fresh clone)."""
+    """Mount the device at ``<bundle>/rootfs``, point ``root.path`` there and have the
+    container's program read ahead (its pages are cold in a fresh clone) by a thread that
+    nothing waits for."""
     target = Path(prepared.mountpoint)
     target.mkdir(mode=0o711, exist_ok=True)
     if (spec.get("root") or {}).get("path") != "rootfs":
         bundles.set_root_path(bundle, "rootfs")
     hostmount.mount(prepared.path, target, prepared.fstype, prepared.options)
-    hostmount.prefetch_entrypoint(target, spec)
+    threading.Thread(target=hostmount.prefetch_entrypoint, args=(target, spec),
+                     name="prefetch", daemon=True).start()
 
 
 class EarlyPrepare:

@@ -125,14 +125,21 @@ class Delegate:
     t0: float
 
 
+def delegate_config(cfg: shimconfig.ShimConfig, options: bytes) -> shimconfig.ShimConfig:
+    """The configuration with the delegate the runtime options chose, if they chose one."""
+    opts = runtimeopts.parse(options)
+    if opts.delegate is not None:  # the handler's runtime options are the most specific
+        cfg = replace(cfg, delegate=opts.delegate)
+    return cfg
+
+
 def spawn_delegate(args: argparse.Namespace, cfg: shimconfig.ShimConfig,
                    options: bytes) -> Delegate:
     """Run the delegate's ``start`` with containerd's flags and (translated) options."""
     t0 = time.monotonic()
     bundle = Path(args.bundle or os.getcwd())
     opts = runtimeopts.parse(options)
-    if opts.delegate is not None:  # the handler's runtime options are the most specific
-        cfg = replace(cfg, delegate=opts.delegate)
+    cfg = delegate_config(cfg, options)
     binary = shimconfig.resolve_binary(cfg.delegate_binary)
     argv = delegate_argv(binary, args, "start")
     log.debug("starting delegate", extra={"delegate": cfg.delegate, "argv": argv})
@@ -216,9 +223,12 @@ def serve_in_place(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options
     from shim_hooks import proxy  # noqa: PLC0415 - preloaded by the server
 
     async def run() -> None:
-        d = spawn_delegate(args, cfg, options)
-        early = proxy.EarlyPrepare.begin(d.cfg, args.namespace, args.id, d.bundle)
+        early = proxy.EarlyPrepare.begin(delegate_config(cfg, options), args.namespace,
+                                         args.id, Path(args.bundle or os.getcwd()))
+        for _ in range(5):  # let Prepare connect and send its request before the spawn
+            await asyncio.sleep(0)
         try:
+            d = spawn_delegate(args, cfg, options)
             launched = await asyncio.to_thread(delegate_started, args, d)
         except BaseException:
             if early is not None:

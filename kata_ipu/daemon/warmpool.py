@@ -38,7 +38,7 @@ from kata_ipu.errors import KataIpuError, NotFound
 log = logging.getLogger("kata_ipu.daemon.warmpool")
 
 PREFIX = "spare."
-REFILL_DELAY = 1.0  # seconds after a take before the replacement is made
+REFILL_DELAY = 0.25  # seconds after a take before the replacement is made
 KINDS = frozenset({ExportKind.HOST_BLOCK})  # a VM export's serial must name its container
 
 
