@@ -109,13 +109,15 @@ def adopt(pid: int, environ: Mapping[str, str], cwd: str) -> None:
         raise ContextError(f"cannot take over the context of process {pid}: {exc}") from exc
     try:
         wanted = Path(f"/proc/{pid}/cgroup").read_text()
+        ours = set(Path("/proc/self/cgroup").read_text().splitlines())
+        moves = "\n".join(line for line in wanted.splitlines() if line not in ours)
+        if not moves:  # the common case: the server runs where containerd does
+            return
         mounts = cgroup_mounts(Path("/proc/self/mountinfo").read_text(),
                                known_controllers(Path("/proc/cgroups").read_text()))
     except OSError as exc:
         log.warning("cgroups of process %d unknown: %s", pid, exc)
         return
-    ours = set(Path("/proc/self/cgroup").read_text().splitlines())
-    moves = "\n".join(line for line in wanted.splitlines() if line not in ours)
     for procs in cgroup_targets(moves, mounts):
         try:
             procs.write_text(str(os.getpid()))

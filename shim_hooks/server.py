@@ -40,6 +40,7 @@ import select
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -334,20 +335,28 @@ def _read_whole(fd: int) -> bytes:
 
 
 def warm_up() -> None:
-    """Touch, in an idle spare, what a ``start`` touches, so that its copy-on-write faults and
-    first-call costs are paid before a container waits for them."""
+    """Run, in an idle spare, what a ``start`` runs, so that its copy-on-write faults and
+    first-call costs (an event loop, a thread pool, a spawn) are paid before a container waits
+    for them; then freeze what is left for the collector."""
     import asyncio  # noqa: PLC0415 - preloaded
 
     from shim_hooks import config, runtimeopts, shim  # noqa: PLC0415 - preloaded
 
+    handoff.decode(handoff.encode(["warm-up", "start"], os.environb, os.getcwdb()))
+    procctx.adopt(os.getpid(), dict(os.environ), os.getcwd())  # its own context: no change
     shim.build_parser().parse_args(["-namespace", "n", "-id", "i", "start"])
     with contextlib.suppress(config.ConfigError):
         config.load()
     runtimeopts.parse(b"")
-    loop = asyncio.new_event_loop()
-    loop.run_until_complete(asyncio.sleep(0))
-    loop.close()
+
+    async def loop_work() -> None:
+        await asyncio.sleep(0)
+        await asyncio.to_thread(int)
+
+    asyncio.run(loop_work())
+    subprocess.run(["true"], check=False)
     gc.collect()
+    gc.freeze()
 
 
 def _child(conn: socket.socket, request: handoff.Request, fds: list[int], peer: Peer) -> int:
