@@ -223,12 +223,9 @@ def serve_in_place(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options
     from shim_hooks import proxy  # noqa: PLC0415 - preloaded by the server
 
     async def run() -> None:
-        early = proxy.EarlyPrepare.begin(delegate_config(cfg, options), args.namespace,
-                                         args.id, Path(args.bundle or os.getcwd()))
-        for _ in range(5):  # let Prepare connect and send its request before the spawn
-            await asyncio.sleep(0)
+        d = spawn_delegate(args, cfg, options)
+        early = proxy.EarlyPrepare.begin(d.cfg, args.namespace, args.id, d.bundle)
         try:
-            d = spawn_delegate(args, cfg, options)
             launched = await asyncio.to_thread(delegate_started, args, d)
         except BaseException:
             if early is not None:
