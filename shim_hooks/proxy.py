@@ -131,6 +131,22 @@ def premount(prepared: ipu.Prepared, bundle: Path, spec: dict[str, Any]) -> None
                      name="prefetch", daemon=True).start()
 
 
+async def release_volume(address: str, key: str, bundle: Path, mountpoint: str,
+                         done: str) -> None:
+    """Unmount (if the proxy mounted it) and release a volume, then drop its bundle record.
+    Failures are logged, not raised: the caller is on its way out, and the ``delete`` action
+    tries again from the record."""
+    try:
+        if mountpoint:
+            await asyncio.to_thread(hostmount.umount, mountpoint)
+        await ipu.release(address, key)
+    except (KataIpuError, OSError) as exc:
+        log.error("kata-ipu: the rootfs volume %s was not released: %s", key, exc)
+        return
+    bundles.remove(bundle / bundles.VOLUME_RECORD)
+    log.info(done, extra={"key": key})
+
+
 class EarlyPrepare:
     """:func:`prepare` of container ``cid``, started during ``start`` (before ``Create``).
 
@@ -205,17 +221,9 @@ class EarlyPrepare:
     async def release_async(self) -> None:
         await self._settle()
         prepared, self._prepared = self._prepared, None
-        if prepared is None:
-            return
-        try:
-            if prepared.mountpoint:
-                await asyncio.to_thread(hostmount.umount, prepared.mountpoint)
-            await ipu.release(self.cfg.address, prepared.key)
-        except (KataIpuError, OSError) as exc:
-            log.error("kata-ipu: the rootfs volume %s was not released: %s", prepared.key, exc)
-            return
-        bundles.remove(self.bundle / bundles.VOLUME_RECORD)
-        log.info("unused rootfs released", extra={"key": prepared.key})
+        if prepared is not None:
+            await release_volume(self.cfg.address, prepared.key, self.bundle,
+                                 prepared.mountpoint, "unused rootfs released")
 
     def discard(self) -> None:
         """Release synchronously (in a ``start`` process, after :meth:`run`)."""
@@ -318,17 +326,9 @@ class TaskProxy:
 
     async def _release(self, cid: str) -> None:
         vol = self.volumes.pop(cid, None)
-        if vol is None:
-            return
-        try:
-            if vol.mountpoint:
-                await asyncio.to_thread(hostmount.umount, vol.mountpoint)
-            await ipu.release(self.cfg.address, vol.key)
-        except (KataIpuError, OSError) as exc:
-            log.error("kata-ipu: the rootfs volume %s was not released: %s", vol.key, exc)
-            return
-        bundles.remove(vol.bundle / bundles.VOLUME_RECORD)
-        log.info("rootfs released", extra={"key": vol.key})
+        if vol is not None:
+            await release_volume(self.cfg.address, vol.key, vol.bundle, vol.mountpoint,
+                                 "rootfs released")
 
     async def shutdown(self, ctx: CallContext, payload: bytes) -> bytes:
         try:

@@ -16,7 +16,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from kata_ipu.block.pool import open_pool
 from kata_ipu.testing.registry import free_port
@@ -110,9 +112,7 @@ class IpuDaemon:
     def volume_loops(self) -> list[str]:
         """Loop devices whose backing file is a volume in this daemon's pool (the kernel's
         view, from sysfs); the pool's own loop-mounted image is not counted."""
-        data = str(self.root / "block" / "data")
-        return [b.parent.parent.name for b in Path("/sys/block").glob("loop*/loop/backing_file")
-                if b.read_text().strip().startswith(data)]
+        return [Path(dev).name for dev in loops_under(self.root / "block" / "data")]
 
     def metrics_text(self) -> str:
         assert self.metrics_port is not None
@@ -128,3 +128,29 @@ class IpuDaemon:
         if (block / "pool.json").exists():
             target = open_pool(block)
             target.destroy_pool(force=True)
+
+
+def loops_under(path: Path) -> dict[str, str]:
+    """``/dev/loopN`` -> backing file, for every loop device serving a file under ``path``
+    (the kernel's view, from sysfs)."""
+    out = {}
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        with contextlib.suppress(OSError):
+            served = backing.read_text().strip()
+            if served.startswith(str(path)):
+                out[f"/dev/{backing.parent.parent.name}"] = served
+    return out
+
+
+@contextlib.contextmanager
+def running(workdir: Path, **options: Any) -> Iterator[IpuDaemon]:
+    """A started :class:`IpuDaemon` (``options`` as its constructor's); afterwards it is torn
+    down and nothing of it may be left: no loop device or mount under ``workdir``."""
+    daemon = IpuDaemon(workdir, **options)
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        daemon.teardown()
+        assert not loops_under(workdir), "loop devices leaked"
+        assert str(workdir) not in Path("/proc/mounts").read_text(), "mounts leaked"

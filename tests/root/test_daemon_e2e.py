@@ -22,7 +22,7 @@ import pytest
 
 from kata_ipu import api, errors
 from kata_ipu.api import kataipu_pb2 as pb
-from kata_ipu.testing.daemon import IpuDaemon
+from kata_ipu.testing.daemon import IpuDaemon, running
 from kata_ipu.testing.ocibuild import LayerBuilder, OciLayout, busybox_tree
 from kata_ipu.testing.prereq import require_programs, require_root
 from kata_ipu.testing.registry import RegistryServer, push
@@ -49,22 +49,8 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServe
 
 @pytest.fixture
 def daemon(tmp_path: Path, registry: RegistryServer) -> Iterator[IpuDaemon]:
-    d = IpuDaemon(tmp_path, pool_size="2G")
-    d.start()
-    try:
+    with running(tmp_path, pool_size="2G") as d:
         yield d
-    finally:
-        d.teardown()
-        assert not _our_loops(tmp_path), "loop devices leaked"
-        assert str(tmp_path) not in Path("/proc/mounts").read_text(), "mounts leaked"
-
-
-def _our_loops(under: Path) -> list[str]:
-    out = []
-    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
-        if backing.read_text().strip().startswith(str(under)):
-            out.append(backing.parent.parent.name)
-    return out
 
 
 

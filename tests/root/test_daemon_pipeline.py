@@ -26,7 +26,7 @@ from kata_ipu.image.reference import parse_reference
 from kata_ipu.image.registry import RegistryClient
 from kata_ipu.rootfs.mount import mounted
 from kata_ipu.testing import treecmp
-from kata_ipu.testing.daemon import IpuDaemon
+from kata_ipu.testing.daemon import IpuDaemon, running
 from kata_ipu.testing.images import zoo_layers
 from kata_ipu.testing.ocibuild import LayerBuilder, OciLayout, busybox_tree
 from kata_ipu.testing.prereq import require_programs, require_root
@@ -58,19 +58,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RegistrySe
 @pytest.fixture
 def daemon(tmp_path: Path, world: tuple[RegistryServer, Path]) -> Iterator[IpuDaemon]:
     (tmp_path / "ipud").mkdir()
-    d = IpuDaemon(tmp_path / "ipud", pool_size="2G")
-    d.start()
-    try:
+    with running(tmp_path / "ipud", pool_size="2G") as d:
         yield d
-    finally:
-        d.teardown()
-        assert not _loops_under(tmp_path), "loop devices leaked"
-        assert str(tmp_path) not in Path("/proc/mounts").read_text(), "mounts leaked"
-
-
-def _loops_under(path: Path) -> list[str]:
-    return [b.parent.parent.name for b in Path("/sys/block").glob("loop*/loop/backing_file")
-            if b.read_text().startswith(str(path))]
 
 
 def _prepare(d: IpuDaemon, cid: str, image: str) -> pb.PrepareResponse:

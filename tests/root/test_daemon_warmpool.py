@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from kata_ipu.daemon.warmpool import PREFIX
-from kata_ipu.testing.daemon import IpuDaemon
+from kata_ipu.testing.daemon import IpuDaemon, loops_under, running
 from kata_ipu.testing.ocibuild import LayerBuilder, OciLayout, busybox_tree
 from kata_ipu.testing.prereq import require_programs, require_root
 from kata_ipu.testing.registry import RegistryServer, push
@@ -39,25 +39,8 @@ def ref(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def daemon(tmp_path: Path, ref: str) -> Iterator[IpuDaemon]:
-    d = IpuDaemon(tmp_path, pool_size="2G",
-                  extra_config="[rootfs]\nwarm_clones = 1\n")
-    d.start()
-    try:
+    with running(tmp_path, pool_size="2G", extra_config="[rootfs]\nwarm_clones = 1\n") as d:
         yield d
-    finally:
-        d.teardown()
-        assert not _loops_under(tmp_path), "loop devices leaked"
-        assert str(tmp_path) not in Path("/proc/mounts").read_text(), "mounts leaked"
-
-
-def _loops_under(under: Path) -> dict[str, str]:
-    """loop device -> backing file, for files under ``under``."""
-    out = {}
-    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
-        path = backing.read_text().strip()
-        if path.startswith(str(under)):
-            out[f"/dev/{backing.parent.parent.name}"] = path
-    return out
 
 
 def _spares(d: IpuDaemon) -> dict[str, str]:
@@ -65,7 +48,7 @@ def _spares(d: IpuDaemon) -> dict[str, str]:
     file name)."""
     used = ({str(v["path"]) for v in json.loads(d.cli("ls", "--json").stdout)}
             if d.proc is not None else set())
-    return {dev: f for dev, f in _loops_under(d.root / "block" / "data").items()
+    return {dev: f for dev, f in loops_under(d.root / "block" / "data").items()
             if Path(f).name.startswith(PREFIX) and dev not in used}
 
 
@@ -115,9 +98,9 @@ def test_a_warm_prepare_takes_the_spare_and_the_pool_refills(daemon: IpuDaemon, 
         subprocess.run(["umount", str(mnt)], check=True)
     for cid in ("c1", "c2"):
         daemon.cli("release", cid)
-    assert set(_loops_under(daemon.root / "block" / "data")) == {new_dev}
+    assert set(loops_under(daemon.root / "block" / "data")) == {new_dev}
     assert daemon.stop() == 0
-    assert _loops_under(daemon.root / "block" / "data") == {}, "spares outlived the daemon"
+    assert loops_under(daemon.root / "block" / "data") == {}, "spares outlived the daemon"
 
 
 def test_removing_the_image_drops_its_spares(daemon: IpuDaemon, ref: str) -> None:

@@ -149,16 +149,21 @@ def server(env: Env, tmp_path: Path) -> Iterator[Server]:
     s.stop()
 
 
+def _containerd(env: Env, server: Server, workdir: Path, delegate: str,
+                bin_dirs: tuple[str, ...] = ()) -> Containerd:
+    """A started containerd whose shims use ``server`` and the module's kata-ipud."""
+    return Containerd(workdir, bin_dirs=bin_dirs, env={
+        "KATA_IPU_ADDRESS": env.ipud.address, "KATA_IPU_DELEGATE": delegate,
+        "KATA_IPU_SHIM_CONFIG": str(env.work / "shim.toml"),
+        "KATA_IPU_SHIM_SERVER": str(server.socket)}).start()
+
+
 @pytest.fixture(params=["python", "native"])
 def ctd(request: pytest.FixtureRequest, env: Env, server: Server) -> Iterator[Containerd]:
     bins = [str(Path(sys.executable).parent)]
     if request.param == "native":
         bins.insert(0, str(env.work / "native"))
-    c = Containerd(env.work / f"ctd-{request.param}", bin_dirs=bins, env={
-        "KATA_IPU_ADDRESS": env.ipud.address, "KATA_IPU_DELEGATE": "runc",
-        "KATA_IPU_SHIM_CONFIG": str(env.work / "shim.toml"),
-        "KATA_IPU_SHIM_SERVER": str(server.socket)})
-    c.start()
+    c = _containerd(env, server, env.work / f"ctd-{request.param}", "runc", tuple(bins))
     try:
         c.ctr("image", "pull", "--plain-http", env.ref, timeout=300)
         yield c
@@ -320,10 +325,7 @@ def test_bad_hand_offs_are_refused_and_the_server_keeps_serving(
     log = server.log.read_text()
     assert "not a kata-ipu start hand-off" in log and "0 descriptors instead of 3" in log
     # still serving a real start (through containerd)
-    c = Containerd(tmp_path / "ctd", env={
-        "KATA_IPU_ADDRESS": env.ipud.address, "KATA_IPU_DELEGATE": "runc",
-        "KATA_IPU_SHIM_CONFIG": str(env.work / "shim.toml"),
-        "KATA_IPU_SHIM_SERVER": str(server.socket)}).start()
+    c = _containerd(env, server, tmp_path / "ctd", "runc")
     try:
         c.ctr("image", "pull", "--plain-http", env.ref, timeout=300)
         out = c.ctr("run", "--rm", "--runtime", RUNTIME, "--annotation",
@@ -337,10 +339,7 @@ def test_bad_hand_offs_are_refused_and_the_server_keeps_serving(
 def test_a_failing_start_reports_its_reason_through_the_server(
         env: Env, server: Server, tmp_path: Path) -> None:
     # Kata is not installed here: the delegate cannot be found
-    c = Containerd(tmp_path / "ctd", env={
-        "KATA_IPU_ADDRESS": env.ipud.address, "KATA_IPU_DELEGATE": "kata",
-        "KATA_IPU_SHIM_CONFIG": str(env.work / "shim.toml"),
-        "KATA_IPU_SHIM_SERVER": str(server.socket)}).start()
+    c = _containerd(env, server, tmp_path / "ctd", "kata")
     try:
         c.ctr("image", "pull", "--plain-http", env.ref, timeout=300)
         out = c.ctr("run", "--rm", "--runtime", RUNTIME, "--annotation",
