@@ -18,6 +18,8 @@ import subprocess
 import tarfile
 import tempfile
 import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from kata_ipu.testing.cache import cache_dir, locked
@@ -29,6 +31,7 @@ from kata_ipu.testing.ocibuild import (
     OciLayout,
     busybox_tree,
 )
+from kata_ipu.testing.registry import RegistryServer, push
 
 DEBIAN_SUITE = "bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
@@ -218,3 +221,17 @@ def gzip_bomb(file_bytes: int) -> tuple[bytes, str]:
     out.append(comp.compress(tail))
     out.append(comp.flush())
     return b"".join(out), "sha256:" + h.hexdigest()
+
+
+@contextmanager
+def busybox_registry(work: Path, repo: str, tags: Mapping[str, Sequence[bytes]], *,
+                     compression: Compression = "gzip") -> Iterator[RegistryServer]:
+    """A private ``docker-registry`` serving ``<repo>:<tag>`` = a busybox layer plus the tag's
+    own layers (uncompressed tars, e.g. from :class:`LayerBuilder`), pushed with skopeo."""
+    with RegistryServer(work) as reg:
+        layout = OciLayout(work / "oci")
+        base = LayerBuilder().tree(busybox_tree(work / "tree")).build()
+        for tag, layers in tags.items():
+            layout.add_image([base, *layers], ref=tag, compression=compression)
+            push(work / "oci", tag, f"{reg.address}/{repo}:{tag}")
+        yield reg

@@ -21,9 +21,10 @@ import pytest
 from kata_ipu import api
 from kata_ipu.api import kataipu_pb2 as pb
 from kata_ipu.testing.daemon import IpuDaemon
-from kata_ipu.testing.ocibuild import LayerBuilder, OciLayout, busybox_tree
+from kata_ipu.testing.images import busybox_registry
+from kata_ipu.testing.ocibuild import LayerBuilder
 from kata_ipu.testing.prereq import require_programs, require_root
-from kata_ipu.testing.registry import Fault, FaultProxy, RegistryServer, push
+from kata_ipu.testing.registry import Fault, FaultProxy, RegistryServer
 from kata_ipu.ttrpc import Client
 
 CLI = str(Path(sys.executable).with_name("kata-ipu"))
@@ -33,14 +34,10 @@ CLI = str(Path(sys.executable).with_name("kata-ipu"))
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
     require_root()
     require_programs("docker-registry", "skopeo", "mkfs.ext4", "mkfs.xfs")
-    work = tmp_path_factory.mktemp("registry")
-    with RegistryServer(work) as reg:
-        layout = OciLayout(work / "oci")
-        base = LayerBuilder().tree(busybox_tree(work / "tree")).build()
-        # a 4 MiB incompressible-ish layer so a stalled download is clearly mid-blob
-        filler = LayerBuilder().file("data/blob", bytes(range(256)) * 16384).build()
-        layout.add_image([base, filler], ref="v1", compression="none")
-        push(work / "oci", "v1", f"{reg.address}/crash/busybox:v1")
+    # a 4 MiB incompressible-ish layer so a stalled download is clearly mid-blob
+    filler = LayerBuilder().file("data/blob", bytes(range(256)) * 16384).build()
+    with busybox_registry(tmp_path_factory.mktemp("registry"), "crash/busybox",
+                          {"v1": [filler]}, compression="none") as reg:
         yield reg
 
 

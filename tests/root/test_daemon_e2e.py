@@ -23,9 +23,10 @@ import pytest
 from kata_ipu import api, errors
 from kata_ipu.api import kataipu_pb2 as pb
 from kata_ipu.testing.daemon import IpuDaemon, running
-from kata_ipu.testing.ocibuild import LayerBuilder, OciLayout, busybox_tree
+from kata_ipu.testing.images import busybox_registry
+from kata_ipu.testing.ocibuild import LayerBuilder
 from kata_ipu.testing.prereq import require_programs, require_root
-from kata_ipu.testing.registry import RegistryServer, push
+from kata_ipu.testing.registry import RegistryServer
 from kata_ipu.ttrpc import Client
 
 CLI = str(Path(sys.executable).with_name("kata-ipu"))
@@ -35,15 +36,9 @@ CLI = str(Path(sys.executable).with_name("kata-ipu"))
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
     require_root()
     require_programs("docker-registry", "skopeo", "mkfs.ext4", "mkfs.xfs")
-    work = tmp_path_factory.mktemp("registry")
-    with RegistryServer(work) as reg:
-        layout = OciLayout(work / "oci")
-        base = LayerBuilder().tree(busybox_tree(work / "tree")).build()
-        top = LayerBuilder().file("etc/motd", b"kata-ipu e2e\n").build()
-        layout.add_image([base, top], ref="v1")
-        layout.add_image([base, LayerBuilder().file("etc/motd", b"other\n").build()], ref="v2")
-        push(work / "oci", "v1", f"{reg.address}/e2e/busybox:v1")
-        push(work / "oci", "v2", f"{reg.address}/e2e/busybox:v2")
+    with busybox_registry(tmp_path_factory.mktemp("registry"), "e2e/busybox", {
+            "v1": [LayerBuilder().file("etc/motd", b"kata-ipu e2e\n").build()],
+            "v2": [LayerBuilder().file("etc/motd", b"other\n").build()]}) as reg:
         yield reg
 
 

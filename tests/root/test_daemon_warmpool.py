@@ -18,22 +18,18 @@ import pytest
 
 from kata_ipu.daemon.warmpool import PREFIX
 from kata_ipu.testing.daemon import IpuDaemon, loops_under, running
-from kata_ipu.testing.ocibuild import LayerBuilder, OciLayout, busybox_tree
+from kata_ipu.testing.images import busybox_registry
+from kata_ipu.testing.ocibuild import LayerBuilder
 from kata_ipu.testing.prereq import require_programs, require_root
-from kata_ipu.testing.registry import RegistryServer, push
 
 
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     require_root()
     require_programs("docker-registry", "skopeo", "mkfs.ext4", "mkfs.xfs")
-    work = tmp_path_factory.mktemp("registry")
-    with RegistryServer(work) as reg:
-        layout = OciLayout(work / "oci")
-        base = LayerBuilder().tree(busybox_tree(work / "tree")).build()
-        layout.add_image([base, LayerBuilder().file("etc/motd", b"warm pool\n").build()],
-                         ref="v1")
-        push(work / "oci", "v1", f"{reg.address}/warm/busybox:v1")
+    motd = LayerBuilder().file("etc/motd", b"warm pool\n").build()
+    with busybox_registry(tmp_path_factory.mktemp("registry"), "warm/busybox",
+                          {"v1": [motd]}) as reg:
         yield f"{reg.address}/warm/busybox:v1"
 
 
