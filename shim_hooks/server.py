@@ -206,14 +206,15 @@ class ShimServer:
                     self._idle_deaths = 0
                 self._fork_spare()
             readable, _, _ = select.select([self._taken_r, self._wake_r], [], [])
-            if self._wake_r in readable:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(self._wake_r, 512)
-                self._reap()
+            # taken first: a spare that served a very short container may already be gone
             if self._taken_r in readable:
                 for (pid,) in struct.iter_unpack("i", _read_whole(self._taken_r)):
                     self._idle.discard(pid)
                     self._idle_deaths = 0
+            if self._wake_r in readable:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 512)
+                self._reap()
 
     def _reap(self) -> None:
         with contextlib.suppress(ChildProcessError):
