@@ -246,18 +246,6 @@ def initramfs(k: Kernel, *, init: str = DISK_PROBE_INIT,
         tmp.write_bytes(gzip.compress(cpio.finish(), compresslevel=1, mtime=0))
         tmp.rename(out)
         return out
-        cpio = _Cpio()
-        for d in ("bin", "dev", "proc", "sys", "mnt", "tmp", "lib", "lib/modules"):
-            cpio.add(d, stat.S_IFDIR | 0o755)
-        cpio.add("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1))
-        cpio.add("bin/busybox", stat.S_IFREG | 0o755, busybox.read_bytes())
-        cpio.add("init", stat.S_IFREG | 0o755, script.encode())
-        for ko in closure:
-            cpio.add(f"lib/modules/{ko.name}", stat.S_IFREG | 0o644, ko.read_bytes())
-        tmp = out.with_suffix(".tmp")
-        tmp.write_bytes(gzip.compress(cpio.finish(), compresslevel=1, mtime=0))
-        tmp.rename(out)
-        return out
 
 
 class Serial:
