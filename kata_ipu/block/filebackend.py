@@ -102,16 +102,11 @@ class FileTarget(StoreTarget):
             export = rec.get("export")
             if export and export.get("minor") is not None:
                 recorded.add(int(export["minor"]))
-        prefix = os.path.realpath(self.volumes_dir) + "/"
-        for entry in os.listdir("/sys/block"):
-            if not (entry.startswith("loop") and entry[4:].isdigit()):
-                continue
-            minor = int(entry[4:])
-            served = loop.backing_file(minor)
-            if served and served.startswith(prefix) and minor not in recorded:
-                log.warning("detaching orphan loop device", extra={"loop": entry,
+        for minor, served in loop.find_under(self.volumes_dir):
+            if minor not in recorded:
+                log.warning("detaching orphan loop device", extra={"loop": f"loop{minor}",
                                                                    "file": served})
-                loop.detach(minor, served.removesuffix(" (deleted)"))
+                loop.detach(minor, served)
 
     def close(self) -> None:
         pass

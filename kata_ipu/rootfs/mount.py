@@ -31,12 +31,6 @@ def detach_loop(device: str, *, executor: Executor = DEFAULT) -> None:
     executor.run(["losetup", "--detach", device])
 
 
-def is_mounted(target: str | os.PathLike[str]) -> bool:
-    want = os.path.realpath(target)
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == want for line in f)
-
-
 @contextlib.contextmanager
 def mounted(image: str | os.PathLike[str], target: str | os.PathLike[str], *, fstype: str,
             read_only: bool = True, options: str = "",

@@ -22,20 +22,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-
-def _unescape(field: str) -> str:
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace(
-        "\\134", "\\")
-
-
-def mounts_under(prefix: Path) -> list[str]:
-    """Mount points under ``prefix`` (deepest first), from /proc/self/mountinfo."""
-    out = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = _unescape(line.split()[4])
-        if point == str(prefix) or point.startswith(str(prefix) + "/"):
-            out.append(point)
-    return sorted(set(out), key=lambda p: -p.count("/"))
+from kata_ipu.block.fsutil import mounts_under
 
 
 class Containerd:

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kata_ipu.block import loop
 from kata_ipu.block.pool import open_pool
 from kata_ipu.testing.registry import free_port
 
@@ -133,13 +134,7 @@ class IpuDaemon:
 def loops_under(path: Path) -> dict[str, str]:
     """``/dev/loopN`` -> backing file, for every loop device serving a file under ``path``
     (the kernel's view, from sysfs)."""
-    out = {}
-    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
-        with contextlib.suppress(OSError):
-            served = backing.read_text().strip()
-            if served.startswith(str(path)):
-                out[f"/dev/{backing.parent.parent.name}"] = served
-    return out
+    return {f"/dev/loop{minor}": served for minor, served in loop.find_under(path)}
 
 
 @contextlib.contextmanager

@@ -9,6 +9,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from kata_ipu.testing import daemon as testing_daemon
+
 
 def make_ext4(path: Path, tree: Path, size_mib: int = 64, label: str = "kbtest") -> Path:
     subprocess.run(["mkfs.ext4", "-q", "-F", "-L", label, "-d", str(tree), str(path),
@@ -26,17 +28,8 @@ def sha256(path: Path | str) -> str:
 
 def loops_under(*prefixes: Path) -> list[str]:
     """Loop devices (kernel view, sysfs) whose backing file lies under one of ``prefixes``."""
-    out = []
-    for entry in os.listdir("/sys/block"):
-        if not entry.startswith("loop"):
-            continue
-        try:
-            backing = Path(f"/sys/block/{entry}/loop/backing_file").read_text().strip()
-        except OSError:
-            continue
-        if any(backing.startswith(str(p)) for p in prefixes):
-            out.append(f"/dev/{entry}={backing}")
-    return out
+    return [f"{dev}={served}" for p in prefixes
+            for dev, served in testing_daemon.loops_under(p).items()]
 
 
 def losetup_files() -> list[str]:
