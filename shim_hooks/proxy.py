@@ -68,15 +68,18 @@ class _Volume:
     mountpoint: str = ""
 
 
-async def prepare(cfg: ShimConfig, namespace: str, cid: str, bundle: Path) -> ipu.Prepared | None:
+async def prepare(cfg: ShimConfig, namespace: str, cid: str, bundle: Path,
+                  spec: dict[str, Any] | None = None) -> ipu.Prepared | None:
     """Have the IPU prepare container ``cid``'s rootfs, as its bundle asks.
 
     None: leave the rootfs alone (a CRI sandbox). Raises :class:`bundles.NoImage` when the
     container names no image, and the IPU's error (its gRPC class kept) when it refuses. The
     volume is recorded in the bundle at once, so the ``delete`` action releases it even if
-    this process dies before ``Create`` is answered.
+    this process dies before ``Create`` is answered. ``spec``: the bundle's ``config.json``
+    if the caller has read it already.
     """
-    spec = bundles.read_spec(bundle)
+    if spec is None:
+        spec = bundles.read_spec(bundle)
     plan = bundles.plan(spec, cfg.export)
     if plan.image is None:
         if plan.annotations.get(bundles.CONTAINER_TYPE) == "sandbox":
@@ -166,26 +169,29 @@ class EarlyPrepare:
         self._error: KataIpuError | None = None
 
     @staticmethod
-    def applies(cid: str, bundle: Path) -> bool:
-        """Only the container a new shim is started for. A pod's later containers join the
-        shim of its group (the delegate answers with that shim's address) and their
-        ``Create`` goes to the proxy already serving it, which prepares then."""
+    def spec_if_applies(cid: str, bundle: Path) -> dict[str, Any] | None:
+        """The bundle's spec if container ``cid`` is the one a new shim is started for. A pod's
+        later containers join the shim of its group (the delegate answers with that shim's
+        address) and their ``Create`` goes to the proxy already serving it, which prepares
+        then."""
         try:
-            return bundles.shim_group(bundles.read_spec(bundle), cid) == cid
+            spec = bundles.read_spec(bundle)
         except KataIpuError:
-            return False  # Create reads the bundle again and says what is wrong
+            return None  # Create reads the bundle again and says what is wrong
+        return spec if bundles.shim_group(spec, cid) == cid else None
 
     @classmethod
     def run(cls, cfg: ShimConfig, namespace: str, cid: str,
             bundle: Path) -> EarlyPrepare | None:
         """Run :func:`prepare` to completion in its own event loop (nothing is left running:
         the caller forks next)."""
-        if not cls.applies(cid, bundle):
+        spec = cls.spec_if_applies(cid, bundle)
+        if spec is None:
             return None
         early = cls(cfg, bundle)
         with jsonlog.bind(container_id=cid, namespace=namespace):
             try:
-                early._prepared = asyncio.run(prepare(cfg, namespace, cid, bundle))
+                early._prepared = asyncio.run(prepare(cfg, namespace, cid, bundle, spec))
             except KataIpuError as exc:
                 early._error = exc
         return early
@@ -194,12 +200,13 @@ class EarlyPrepare:
     def begin(cls, cfg: ShimConfig, namespace: str, cid: str,
               bundle: Path) -> EarlyPrepare | None:
         """Start :func:`prepare` as a task of the running loop."""
-        if not cls.applies(cid, bundle):
+        spec = cls.spec_if_applies(cid, bundle)
+        if spec is None:
             return None
 
         async def bound() -> ipu.Prepared | None:
             with jsonlog.bind(container_id=cid, namespace=namespace):
-                return await prepare(cfg, namespace, cid, bundle)
+                return await prepare(cfg, namespace, cid, bundle, spec)
 
         return cls(cfg, bundle, asyncio.ensure_future(bound()))
 

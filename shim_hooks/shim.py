@@ -125,21 +125,14 @@ class Delegate:
     t0: float
 
 
-def delegate_config(cfg: shimconfig.ShimConfig, options: bytes) -> shimconfig.ShimConfig:
-    """The configuration with the delegate the runtime options chose, if they chose one."""
-    opts = runtimeopts.parse(options)
-    if opts.delegate is not None:  # the handler's runtime options are the most specific
-        cfg = replace(cfg, delegate=opts.delegate)
-    return cfg
-
-
 def spawn_delegate(args: argparse.Namespace, cfg: shimconfig.ShimConfig,
                    options: bytes) -> Delegate:
     """Run the delegate's ``start`` with containerd's flags and (translated) options."""
     t0 = time.monotonic()
     bundle = Path(args.bundle or os.getcwd())
     opts = runtimeopts.parse(options)
-    cfg = delegate_config(cfg, options)
+    if opts.delegate is not None:  # the handler's runtime options are the most specific
+        cfg = replace(cfg, delegate=opts.delegate)
     binary = shimconfig.resolve_binary(cfg.delegate_binary)
     argv = delegate_argv(binary, args, "start")
     log.debug("starting delegate", extra={"delegate": cfg.delegate, "argv": argv})
