@@ -8,10 +8,12 @@ same id.
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 from typing import ClassVar
 
 from kata_ipu.block.model import Base, Device, ExportKind, Listing, Pool, Usage, Volume
+from kata_ipu.errors import NotFound
 
 
 class BlockTarget(abc.ABC):
@@ -67,6 +69,13 @@ class BlockTarget(abc.ABC):
         """Unexport and delete a volume. An unknown id raises
         :class:`~kata_ipu.block.errors.VolumeNotFound` unless ``missing_ok``; pieces already
         missing (loop device, daemon export, file) are skipped."""
+
+    def retire(self, volume: Volume | str) -> None:
+        """The seed's destroy flow for a volume in use: hot-remove its export first, then
+        delete it. Idempotent: a volume (or export) already gone is not an error."""
+        with contextlib.suppress(NotFound):
+            self.unexport(volume)
+        self.destroy(volume, missing_ok=True)
 
     @abc.abstractmethod
     def list(self) -> Listing:

@@ -475,7 +475,7 @@ class Engine:
                     try:
                         await self.state.put_volume(vol)
                     except BaseException:
-                        await asyncio.to_thread(self._release_blocking, spare.volume_id)
+                        await asyncio.to_thread(self.target.retire, spare.volume_id)
                         raise
                     device = vol.device
                 else:
@@ -540,16 +540,11 @@ class Engine:
                     return False
                 await self.state.put_volume(dataclasses.replace(vol,
                                                                 state=VolumeState.RELEASING))
-                await asyncio.to_thread(self._release_blocking, vol.volume_id)
+                await asyncio.to_thread(self.target.retire, vol.volume_id)
                 await self.state.delete_volume(container_id)
                 self.metrics.volumes.dec()
                 log.info("rootfs released")
                 return True
-
-    def _release_blocking(self, volume_id: str) -> None:
-        with contextlib.suppress(NotFound):
-            self.target.unexport(volume_id)  # the seed's destroy flow: hot-remove first
-        self.target.destroy(volume_id, missing_ok=True)
 
     async def get_volume(self, container_id: str) -> VolumeRecord:
         check_container_id(container_id)
@@ -655,7 +650,7 @@ class Engine:
             if vol.state is not VolumeState.READY:
                 fix(f"rolled back {vol.state.value} volume {vol.container_id}",
                     container_id=vol.container_id)
-                await asyncio.to_thread(self._release_blocking, vol.volume_id)
+                await asyncio.to_thread(self.target.retire, vol.volume_id)
                 await self.state.delete_volume(vol.container_id)
                 continue
             pooled = pool_volumes.get(vol.volume_id)
@@ -672,7 +667,7 @@ class Engine:
                 await self.state.put_volume(dataclasses.replace(vol, device=device.to_json()))
         for orphan in set(pool_volumes) - known_volumes:
             fix(f"destroyed orphan volume {orphan}")
-            await asyncio.to_thread(self._release_blocking, orphan)
+            await asyncio.to_thread(self.target.retire, orphan)
         db_bases = {b.id for b in await self.state.list_bases()}
         for orphan in pool_bases - db_bases:
             if not any(v.base_id == orphan for v in listing.volumes):

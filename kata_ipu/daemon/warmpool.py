@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from kata_ipu.block import ExportKind
 from kata_ipu.block.interface import BlockTarget
 from kata_ipu.block.model import Device
-from kata_ipu.errors import KataIpuError, NotFound
+from kata_ipu.errors import KataIpuError
 
 log = logging.getLogger("kata_ipu.daemon.warmpool")
 
@@ -120,7 +120,7 @@ class WarmPool:
                     log.warning("no spare for base %s: %s", base_id, exc)
                     return
                 if self._closed or self._making.get(key, 0) <= 0:
-                    await asyncio.to_thread(self._destroy, volume_id)  # dropped meanwhile
+                    await asyncio.to_thread(self.target.retire, volume_id)  # dropped meanwhile
                     return
                 self._making[key] -= 1
                 self._idle.setdefault(key, []).append(Spare(volume_id, base_id, kind, device))
@@ -135,20 +135,15 @@ class WarmPool:
         try:
             return self.target.export(volume_id, kind)
         except BaseException:
-            self._destroy(volume_id)
+            self.target.retire(volume_id)
             raise
-
-    def _destroy(self, volume_id: str) -> None:
-        with contextlib.suppress(NotFound):
-            self.target.unexport(volume_id)
-        self.target.destroy(volume_id, missing_ok=True)
 
     # -- take back --------------------------------------------------------------------------
     async def drop(self, base_id: str) -> None:
         """Destroy the spares of ``base_id`` (before the base itself goes)."""
         for key in [k for k in self._idle if k[0] == base_id]:
             for spare in self._idle.pop(key):
-                await asyncio.to_thread(self._destroy, spare.volume_id)
+                await asyncio.to_thread(self.target.retire, spare.volume_id)
         for key in [k for k in self._making if k[0] == base_id]:
             self._making[key] = 0  # a refill in flight destroys what it makes
         self._changed()
