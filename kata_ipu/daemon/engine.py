@@ -446,20 +446,21 @@ class Engine:
         fs = self._fstype(fstype)
         with bind(container_id=container_id, image=str(ref)):
             async with self._locked(container_id):
-                existing = await self.state.get_volume(container_id)
-                if existing is not None:
-                    return await self._existing(existing, ref, export)
+                view = await self.state.prepare_view(container_id, str(ref),
+                                                     lambda digest: base_id_for(digest, fs))
+                if view.volume is not None:
+                    return await self._existing(view.volume, ref, export)
                 cold = False
                 t0 = time.monotonic()
                 timings: dict[str, float] = {}
-                img = await self.state.get_image(str(ref))
+                img, base = view.image, view.base
                 if img is None:
                     cold = True
                     # Starts the base's build while the layers download; the base check
                     # below joins that build.
                     img = await self._pull_once(ref, platform, fs)
                     timings["pull_seconds"] = round(time.monotonic() - t0, 3)
-                base = await self.state.get_base(base_id_for(img.digest, fs))
+                    base = await self.state.get_base(base_id_for(img.digest, fs))
                 if base is None or base.state is not BaseState.READY:
                     cold = True
                     t1 = time.monotonic()

@@ -122,6 +122,15 @@ class VolumeRecord:
     created_at: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class PrepareView:
+    """The records ``Prepare`` decides on (:meth:`StateStore.prepare_view`)."""
+
+    volume: VolumeRecord | None
+    image: ImageRecord | None
+    base: BaseRecord | None  # of ``image``; None without an image
+
+
 class StateStore:
     """Owns the SQLite connection on a private thread. Open with :meth:`open`."""
 
@@ -191,12 +200,7 @@ class StateStore:
         await self._call(self._tx(tx))
 
     async def get_image(self, name_or_digest: str) -> ImageRecord | None:
-        def tx(db: sqlite3.Connection) -> ImageRecord | None:
-            row = db.execute("SELECT digest FROM image_names WHERE name=?",
-                             (name_or_digest,)).fetchone()
-            digest = row[0] if row else name_or_digest
-            return _image(db, digest)
-        return await self._call(self._tx(tx))
+        return await self._call(self._tx(lambda db: _named_image(db, name_or_digest)))
 
     async def list_images(self) -> list[ImageRecord]:
         def tx(db: sqlite3.Connection) -> list[ImageRecord]:
@@ -221,11 +225,7 @@ class StateStore:
         await self._call(self._tx(tx))
 
     async def get_base(self, base_id: str) -> BaseRecord | None:
-        def tx(db: sqlite3.Connection) -> BaseRecord | None:
-            row = db.execute(f"SELECT {_BASE_COLS} FROM bases WHERE id=?",
-                             (base_id,)).fetchone()
-            return _base(row) if row else None
-        return await self._call(self._tx(tx))
+        return await self._call(self._tx(lambda db: _base_by_id(db, base_id)))
 
     async def list_bases(self, digest: str | None = None) -> list[BaseRecord]:
         def tx(db: sqlite3.Connection) -> list[BaseRecord]:
@@ -257,10 +257,17 @@ class StateStore:
         await self._call(self._tx(tx))
 
     async def get_volume(self, container_id: str) -> VolumeRecord | None:
-        def tx(db: sqlite3.Connection) -> VolumeRecord | None:
-            row = db.execute(f"SELECT {_VOL_COLS} FROM volumes WHERE container_id=?",
-                             (container_id,)).fetchone()
-            return _volume(row) if row else None
+        return await self._call(self._tx(lambda db: _volume_of(db, container_id)))
+
+    async def prepare_view(self, container_id: str, image: str,
+                           base_id_of: Callable[[str], str]) -> PrepareView:
+        """What ``Prepare`` looks up before it decides, in one transaction (one trip to the
+        store's thread, on every container's start path): the container's volume, the image
+        by name or digest, and the base ``base_id_of(image digest)`` names."""
+        def tx(db: sqlite3.Connection) -> PrepareView:
+            img = _named_image(db, image)
+            base = _base_by_id(db, base_id_of(img.digest)) if img is not None else None
+            return PrepareView(_volume_of(db, container_id), img, base)
         return await self._call(self._tx(tx))
 
     async def list_volumes(self, base_id: str | None = None) -> list[VolumeRecord]:
@@ -301,6 +308,23 @@ class StateStore:
 _BASE_COLS = "id, digest, fstype, state, size_bytes, built_at, build_seconds"
 _VOL_COLS = ("container_id, volume_id, base_id, image, digest, state, export_kind, device, "
              "annotations, created_at")
+
+
+def _named_image(db: sqlite3.Connection, name_or_digest: str) -> ImageRecord | None:
+    row = db.execute("SELECT digest FROM image_names WHERE name=?",
+                     (name_or_digest,)).fetchone()
+    return _image(db, row[0] if row else name_or_digest)
+
+
+def _base_by_id(db: sqlite3.Connection, base_id: str) -> BaseRecord | None:
+    row = db.execute(f"SELECT {_BASE_COLS} FROM bases WHERE id=?", (base_id,)).fetchone()
+    return _base(row) if row else None
+
+
+def _volume_of(db: sqlite3.Connection, container_id: str) -> VolumeRecord | None:
+    row = db.execute(f"SELECT {_VOL_COLS} FROM volumes WHERE container_id=?",
+                     (container_id,)).fetchone()
+    return _volume(row) if row else None
 
 
 def _image(db: sqlite3.Connection, digest: str) -> ImageRecord | None:

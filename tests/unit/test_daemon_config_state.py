@@ -112,6 +112,31 @@ async def test_state_roundtrip_and_persistence(tmp_path: Path) -> None:
     assert mode == "wal"
 
 
+async def test_prepare_view_reads_volume_image_and_its_base_together(tmp_path: Path) -> None:
+    store = await StateStore.open(tmp_path / "state.db")
+    img = ImageRecord("sha256:aa", "sha256:cc", "linux/amd64", 1, time.time())
+    await store.put_image(img, "reg/busybox:1")
+    base = BaseRecord("ext4-aa", "sha256:aa", "ext4", BaseState.READY, 1, time.time(), 0.1)
+    await store.put_base(base)
+    await store.put_base(BaseRecord("xfs-aa", "sha256:aa", "xfs", BaseState.READY))
+    vol = VolumeRecord("c1", "c1", "ext4-aa", "reg/busybox:1", "sha256:aa",
+                       VolumeState.READY, "HOST_BLOCK", created_at=1.0)
+    await store.put_volume(vol)
+
+    def ext4(digest: str) -> str:
+        return "ext4-" + digest.removeprefix("sha256:")
+
+    view = await store.prepare_view("c1", "reg/busybox:1", ext4)
+    assert (view.volume, view.image, view.base) == (vol, await store.get_image("sha256:aa"),
+                                                    base)
+    view = await store.prepare_view("c2", "sha256:aa", ext4)  # by digest, no volume yet
+    assert view.volume is None and view.base == base
+    assert view.image is not None and view.image.digest == "sha256:aa"
+    view = await store.prepare_view("c2", "reg/other:1", ext4)  # unknown image: no base
+    assert (view.volume, view.image, view.base) == (None, None, None)
+    await store.close()
+
+
 async def test_state_serializes_concurrent_writers(tmp_path: Path) -> None:
     store = await StateStore.open(tmp_path / "state.db")
     await asyncio.gather(*(
