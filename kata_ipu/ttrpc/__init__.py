@@ -18,7 +18,7 @@ from kata_ipu.ttrpc.address import Address, TcpAddress, UnixAddress, parse_addre
 from kata_ipu.ttrpc.client import Client
 from kata_ipu.ttrpc.errors import ConnectionClosed, OversizedMessage, ProtocolError, WireError
 from kata_ipu.ttrpc.metadata import NAMESPACE_KEY, Metadata
-from kata_ipu.ttrpc.server import CallContext, Handler, Server
+from kata_ipu.ttrpc.server import CallContext, Handler, Server, UnixListener
 from kata_ipu.ttrpc.service import unary
 from kata_ipu.ttrpc.streams import ClientStream, ServerStream, StreamMethod
 
@@ -38,6 +38,7 @@ __all__ = [
     "StreamMethod",
     "TcpAddress",
     "UnixAddress",
+    "UnixListener",
     "WireError",
     "parse_address",
     "unary",

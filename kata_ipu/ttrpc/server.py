@@ -490,16 +490,26 @@ class Server:
                     out.append(TcpAddress(name[0], name[1]))
         return out
 
-    async def listen(self, address: str | Address, *, mode: int = 0o600) -> Address:
+    async def listen(self, address: str | Address | UnixListener, *,
+                     mode: int = 0o600) -> Address:
         """Start serving on an address; returns the bound address (TCP port 0 resolved).
 
         A unix socket is created with ``mode`` before it accepts connections; a stale socket
-        file nobody listens on is replaced, a live one is refused.
+        file nobody listens on is replaced, a live one is refused. A :class:`UnixListener`
+        is served as it is (peers already queued on it are served first).
         """
         if self.runstate in (Runstate.STOPPING, Runstate.STOPPED):
             raise FailedPrecondition(f"ttrpc: server is {self.runstate.value}")
-        addr = parse_address(address) if isinstance(address, str) else address
         loop = asyncio.get_running_loop()
+        if isinstance(address, UnixListener):
+            srv = await loop.create_unix_server(lambda: _Connection(self),
+                                                sock=address.take())
+            self._unix_paths.append(address.path)
+            self._listeners.append(srv)
+            self.runstate = Runstate.SERVING
+            log.info("ttrpc: listening", extra={"address": f"unix://{address.path}"})
+            return UnixAddress(address.path)
+        addr = parse_address(address) if isinstance(address, str) else address
         if isinstance(addr, UnixAddress):
             sock = _bind_unix(addr.path, mode)
             srv = await loop.create_unix_server(lambda: _Connection(self), sock=sock)
@@ -581,6 +591,41 @@ class Server:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         self._unix_paths.clear()
+
+
+class UnixListener:
+    """A unix socket that listens before a :class:`Server` serves it.
+
+    Lifecycle: bound and listening at construction (peers that connect wait in the kernel's
+    backlog) -> :meth:`publish` renames it to its final path (``rename(2)`` keeps a
+    listening socket listening, so a socket can be made before its name is known) ->
+    :meth:`Server.listen` serves it and owns it from then on. :meth:`close` (idempotent)
+    removes a listener no server took.
+    """
+
+    def __init__(self, path: str, mode: int = 0o600) -> None:
+        self.path = path
+        self._sock: socket.socket | None = _bind_unix(path, mode)
+
+    def publish(self, path: str) -> None:
+        """Move to ``path``, replacing whatever socket file is there (a dead server's)."""
+        if self._sock is None:
+            raise FailedPrecondition(f"ttrpc: listener {self.path} is closed")
+        os.rename(self.path, path)
+        self.path = path
+
+    def take(self) -> socket.socket:
+        sock, self._sock = self._sock, None
+        if sock is None:
+            raise FailedPrecondition(f"ttrpc: listener {self.path} is closed")
+        return sock
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
 
 
 def _bind_unix(path: str, mode: int) -> socket.socket:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from kata_ipu import errors
-from kata_ipu.ttrpc import CallContext, Client, ConnectionClosed, Metadata, Server
+from kata_ipu.ttrpc import CallContext, Client, ConnectionClosed, Metadata, Server, UnixListener
 from kata_ipu.ttrpc.frame import FrameDecoder, encode_frame
 from kata_ipu.ttrpc.server import Runstate
 from kata_ipu.ttrpc.wire import Request, Response, Status, decode_response, encode_request
@@ -106,6 +106,40 @@ async def test_socket_mode_configurable_and_unlinked_on_close(tmp_path: Path) ->
     await server.shutdown()
     assert not os.path.exists(path)
     assert server.runstate is Runstate.STOPPED
+
+
+async def test_a_listener_bound_early_serves_the_calls_queued_before_it_was_served(
+        tmp_path: Path) -> None:
+    """A UnixListener listens from construction: a client that connects and calls before
+    any server serves it (and before it is renamed into place) is answered once it is."""
+    early, final = str(tmp_path / ".early.sock"), str(tmp_path / "final.sock")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(final)  # a dead server's socket file: publish replaces it
+    stale.close()
+    listener = UnixListener(early)
+    assert stat.S_IMODE(os.stat(early).st_mode) == 0o600
+    listener.publish(final)
+    assert not os.path.exists(early)
+    client = await Client.connect(final)
+    call = asyncio.ensure_future(client.call(SVC, "Echo", b"queued", timeout=5))
+    await asyncio.sleep(0.05)
+    assert not call.done()  # nobody serves yet: the request waits in the socket
+    server = Server()
+    server.register(SVC, {"Echo": Impl().echo})
+    await server.listen(listener)
+    assert await call == b"queued"
+    await client.close()
+    await server.shutdown()
+    assert not os.path.exists(final)  # the server owns the renamed socket
+
+
+async def test_a_listener_no_server_took_is_removed_by_close(tmp_path: Path) -> None:
+    listener = UnixListener(str(tmp_path / "l.sock"))
+    listener.close()
+    listener.close()  # idempotent
+    assert not (tmp_path / "l.sock").exists()
+    with pytest.raises(errors.FailedPrecondition, match="closed"):
+        listener.publish(str(tmp_path / "m.sock"))
 
 
 async def test_stale_socket_replaced_live_one_refused(tmp_path: Path) -> None:
