@@ -134,7 +134,7 @@ def create(args: RuncArgs, cfg: shimconfig.ShimConfig, rlog: RuntimeLog) -> int:
               "mountpoint": str(target)}
     try:
         target.mkdir(exist_ok=True)
-        hostmount.mount(prepared.path, target, prepared.fstype, prepared.options)
+        hostmount.mount_clone(prepared.path, target, prepared.fstype, prepared.options)
         record["root_path"] = bundles.set_root_path(bundle, str(target))
         state.parent.mkdir(parents=True, exist_ok=True)
         bundles.write_json(state, record)
