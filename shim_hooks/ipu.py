@@ -8,13 +8,17 @@ message that says what the IPU was asked and why it refused; an unreachable daem
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kata_ipu import api
 from kata_ipu.api import kataipu_pb2 as pb
 from kata_ipu.errors import FailedPrecondition, KataIpuError, Unavailable
-from kata_ipu.ttrpc import Client
+from kata_ipu.ttrpc import Client, ConnectionClosed
 from shim_hooks.taskapi import Mount
+
+log = logging.getLogger("shim_hooks.ipu")
 
 EXPORT_KINDS = {"host-block": pb.HOST_BLOCK, "vhost-user-blk": pb.VHOST_USER_BLK,
                 "nbd": pb.NBD, "vfio-pci": pb.VFIO_PCI}
@@ -64,17 +68,57 @@ def _refused(what: str, exc: KataIpuError) -> KataIpuError:
     return err
 
 
-async def prepare(address: str, key: str, image: str, export: str,
-                  annotations: dict[str, str], timeout: float) -> Prepared:
-    req = pb.PrepareRequest(container_id=key, image=image, export=EXPORT_KINDS[export],
-                            annotations=annotations)
-    client = await _connect(address)
+_kept: dict[str, Client] = {}  # address -> a connection made ahead (keep_connection)
+
+
+async def keep_connection(address: str) -> None:
+    """Connect to kata-ipud ahead of a ``Prepare``, for the next :func:`prepare` on this event
+    loop (an idle kata-ipu-shimd spare does this on the loop its start will run on): that
+    ``Prepare`` then skips the connect and the daemon's accept. Failures only mean that
+    ``Prepare`` connects itself."""
+    try:
+        _kept[address] = await Client.connect(address, timeout=CONNECT_TIMEOUT)
+    except KataIpuError as exc:
+        log.debug("no connection kept to %s: %s", address, exc)
+
+
+async def _call_prepare(client: Client, req: pb.PrepareRequest, timeout: float,
+                        requested: Callable[[], None] | None, *,
+                        kept: bool = False) -> pb.PrepareResponse | None:
+    """One ``Prepare`` on ``client`` (closed afterwards). None: ``client`` was a kept
+    connection the daemon closed meanwhile (it restarted while a spare idled); ``Prepare``
+    of a key is idempotent, so the caller asks again on a new connection."""
+    if requested is not None:
+        # the call below writes the request before it first waits: a task woken by this
+        # callback runs after the write
+        requested()
     async with client:
         try:
-            resp = await client.call_message(api.ROOTFS_SERVICE, "Prepare", req,
+            return await client.call_message(api.ROOTFS_SERVICE, "Prepare", req,
                                              pb.PrepareResponse, timeout=timeout)
+        except ConnectionClosed as exc:
+            if kept:
+                log.debug("the kept connection to kata-ipud was closed: %s", exc.message)
+                return None
+            raise _refused(f"Prepare of {req.image} for {req.container_id}", exc) from None
         except KataIpuError as exc:
-            raise _refused(f"Prepare of {image} for {key}", exc) from None
+            raise _refused(f"Prepare of {req.image} for {req.container_id}", exc) from None
+
+
+async def prepare(address: str, key: str, image: str, export: str,
+                  annotations: dict[str, str], timeout: float,
+                  requested: Callable[[], None] | None = None) -> Prepared:
+    """``requested()`` is called once the request is on its way (the daemon works on it while
+    the caller's loop does other things)."""
+    req = pb.PrepareRequest(container_id=key, image=image, export=EXPORT_KINDS[export],
+                            annotations=annotations)
+    resp = None
+    if (kept := _kept.pop(address, None)) is not None and not kept.closed:
+        resp = await _call_prepare(kept, req, timeout, requested, kept=True)
+    if resp is None:
+        resp = await _call_prepare(await _connect(address), req, timeout, requested)
+    if resp is None:  # only a kept connection answers None; a new one raises instead
+        raise IpuUnreachable(f"kata-ipu: the IPU service at {address} closed the connection")
     dev = resp.rootfs.device
     prepared = Prepared(
         key=key, image=image, image_digest=resp.rootfs.image_digest,

@@ -13,6 +13,7 @@ best-effort step (a cgroup can be gone, or not writable in a nested container) a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -90,6 +91,15 @@ def _umask_of(pid: int) -> int:
     raise ContextError(f"/proc/{pid}/status has no Umask line")
 
 
+def renice(value: int) -> None:
+    """Give every thread of this process nice ``value``: on Linux a nice value belongs to a
+    thread (``setpriority(PRIO_PROCESS, 0)`` changes only the caller), and a spare has a
+    worker thread started ahead of time."""
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+            os.setpriority(os.PRIO_PROCESS, int(tid), value)
+
+
 def adopt(pid: int, environ: Mapping[str, str], cwd: str) -> None:
     """Make this process look like a child of ``pid`` that was given ``environ`` and ``cwd``."""
     try:
@@ -104,7 +114,7 @@ def adopt(pid: int, environ: Mapping[str, str], cwd: str) -> None:
             resource.setrlimit(rlimit, resource.prlimit(pid, rlimit))
         score = Path(f"/proc/{pid}/oom_score_adj").read_text().strip()
         Path("/proc/self/oom_score_adj").write_text(score)
-        os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, pid))
+        renice(os.getpriority(os.PRIO_PROCESS, pid))
     except (OSError, ValueError) as exc:
         raise ContextError(f"cannot take over the context of process {pid}: {exc}") from exc
     try:

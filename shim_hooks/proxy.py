@@ -40,7 +40,7 @@ from typing import Any
 from kata_ipu import log as jsonlog
 from kata_ipu.errors import KataIpuError
 from kata_ipu.protowire import WireError
-from kata_ipu.ttrpc import NAMESPACE_KEY, CallContext, Client, Metadata, Server
+from kata_ipu.ttrpc import NAMESPACE_KEY, CallContext, Client, Metadata, Server, UnixListener
 from kata_ipu.ttrpc.errors import ConnectionClosed
 from shim_hooks import bundle as bundles
 from shim_hooks import hostmount, ipu
@@ -69,14 +69,15 @@ class _Volume:
 
 
 async def prepare(cfg: ShimConfig, namespace: str, cid: str, bundle: Path,
-                  spec: dict[str, Any] | None = None) -> ipu.Prepared | None:
+                  spec: dict[str, Any] | None = None, *,
+                  requested: Callable[[], None] | None = None) -> ipu.Prepared | None:
     """Have the IPU prepare container ``cid``'s rootfs, as its bundle asks.
 
     None: leave the rootfs alone (a CRI sandbox). Raises :class:`bundles.NoImage` when the
     container names no image, and the IPU's error (its gRPC class kept) when it refuses. The
     volume is recorded in the bundle at once, so the ``delete`` action releases it even if
     this process dies before ``Create`` is answered. ``spec``: the bundle's ``config.json``
-    if the caller has read it already.
+    if the caller has read it already; ``requested``: see :func:`ipu.prepare`.
     """
     if spec is None:
         spec = bundles.read_spec(bundle)
@@ -94,7 +95,7 @@ async def prepare(cfg: ShimConfig, namespace: str, cid: str, bundle: Path,
     prepared = await ipu.prepare(
         cfg.address, key, plan.image, plan.export,
         {"containerd.io/namespace": namespace, "containerd.io/id": cid, **sandbox},
-        cfg.timeout)
+        cfg.timeout, requested)
     if premounts(cfg, prepared):
         # recorded before it is mounted: the delete action unmounts whatever is there
         prepared = dataclasses.replace(prepared, mountpoint=str(bundle / "rootfs"))
@@ -129,7 +130,7 @@ def premount(prepared: ipu.Prepared, bundle: Path, spec: dict[str, Any]) -> None
     target.mkdir(mode=0o711, exist_ok=True)
     if (spec.get("root") or {}).get("path") != "rootfs":
         bundles.set_root_path(bundle, "rootfs")
-    hostmount.mount(prepared.path, target, prepared.fstype, prepared.options)
+    hostmount.mount_clone(prepared.path, target, prepared.fstype, prepared.options)
     threading.Thread(target=hostmount.prefetch_entrypoint, args=(target, spec),
                      name="prefetch", daemon=True).start()
 
@@ -167,6 +168,7 @@ class EarlyPrepare:
         self._task = task
         self._prepared: ipu.Prepared | None = None
         self._error: KataIpuError | None = None
+        self._requested: asyncio.Event | None = None
 
     @staticmethod
     def spec_if_applies(cid: str, bundle: Path) -> dict[str, Any] | None:
@@ -199,16 +201,35 @@ class EarlyPrepare:
     @classmethod
     def begin(cls, cfg: ShimConfig, namespace: str, cid: str,
               bundle: Path) -> EarlyPrepare | None:
-        """Start :func:`prepare` as a task of the running loop."""
+        """Start :func:`prepare` as a task of the running loop; :meth:`requested` tells when
+        the IPU has the request."""
         spec = cls.spec_if_applies(cid, bundle)
         if spec is None:
             return None
+        requested = asyncio.Event()
 
         async def bound() -> ipu.Prepared | None:
             with jsonlog.bind(container_id=cid, namespace=namespace):
-                return await prepare(cfg, namespace, cid, bundle, spec)
+                return await prepare(cfg, namespace, cid, bundle, spec,
+                                     requested=requested.set)
 
-        return cls(cfg, bundle, asyncio.ensure_future(bound()))
+        early = cls(cfg, bundle, asyncio.ensure_future(bound()))
+        early._requested = requested
+        return early
+
+    async def requested(self, limit: float) -> None:
+        """Wait (at most ``limit`` seconds) until the IPU has the request, or ``Prepare``
+        ended first: the caller forks the delegate next, and the daemon should be working on
+        the rootfs meanwhile."""
+        task, event = self._task, self._requested
+        if task is None or event is None or event.is_set():
+            return
+        waiter = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait({task, waiter}, timeout=limit,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
 
     async def _settle(self) -> None:
         task, self._task = self._task, None
@@ -346,19 +367,31 @@ class TaskProxy:
 
 async def serve(cfg: ShimConfig, delegate_address: str, listen: str, namespace: str,
                 ready: Callable[[], None], *, cid: str = "", early: EarlyPrepare | None = None,
-                bundle: Path | None = None, record: dict[str, object] | None = None) -> None:
+                bundle: Path | None = None, record: dict[str, object] | None = None,
+                listener: UnixListener | None = None) -> None:
     """Serve until the delegate goes away (or SIGTERM).
 
     ``early`` is container ``cid``'s rootfs, prepared during ``start``. With ``bundle`` and
     ``record``, the delegate's pid is added to the bundle's shim record once serving, so that
-    ``delete`` can stop a delegate whose proxy was killed.
+    ``delete`` can stop a delegate whose proxy was killed. ``listener``: a socket bound while
+    the delegate started; it is moved to ``listen`` and reported at once, and containerd's
+    first call waits in its backlog while the proxy connects to the delegate.
     """
-    delegate = await Client.connect(delegate_address)
+    if listener is not None:
+        listener.publish(listen)
+        ready()
+    try:
+        delegate = await Client.connect(delegate_address)
+    except BaseException:
+        if listener is not None:
+            listener.close()
+        raise
     proxy = TaskProxy(cfg, delegate, namespace, {cid: early} if early is not None else None)
     server = Server()
     server.register(TASK_SERVICE, proxy.handlers())
-    await server.listen(listen, mode=0o600)
-    ready()
+    await server.listen(listener if listener is not None else listen, mode=0o600)
+    if listener is None:
+        ready()
     log.debug("proxy serving", extra={"address": listen, "delegate": delegate_address})
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -57,6 +57,9 @@ log = logging.getLogger("shim_hooks.server")
 RECEIVE_TIMEOUT = 5.0  # the launcher sends right after connecting
 SPARE_FAILURES = 5  # spares dying idle in a row before the server slows down
 SPARE_BACKOFF = 2.0
+# seconds between a spare taking a start and its replacement's fork (sooner when another start
+# is already waiting and no spare is idle): see Server.serve_forever
+REFILL_DELAY = 0.2
 BACKLOG = 128
 
 
@@ -146,9 +149,11 @@ class ShimServer:
     replacement. A spare exits when the server is gone (EOF on the ``alive`` pipe).
     """
 
-    def __init__(self, path: str, spares: int = 1) -> None:
+    def __init__(self, path: str, spares: int = 1, *,
+                 refill_delay: float = REFILL_DELAY) -> None:
         self.path = path
         self.spares = max(1, spares)
+        self.refill_delay = max(0.0, refill_delay)
         self._sock: socket.socket | None = None
         self._stopping = False
         self._idle: set[int] = set()
@@ -195,22 +200,45 @@ class ShimServer:
         log.info("kata-ipu-shimd stopped", extra={"children": self.children})
 
     def serve_forever(self) -> None:
+        """Fork spares, reap children, until stopped.
+
+        The replacement of a spare that took a ``start`` is forked ``refill_delay`` later,
+        not at once: the fork and the new spare's warm-up would run on the CPUs exactly while
+        that container starts (at nice 19 the warm-up still takes an idle CPU the start's
+        next step wants a moment later). A ``start`` that arrives meanwhile with no spare idle
+        (a burst) gets its spare forked as soon as it connects.
+        """
         assert self._sock is not None, "listen() first"
+        refill_at = 0.0  # when to top the spares up
         while not self._stopping:
-            while len(self._idle) < self.spares and not self._stopping:
-                if self._idle_deaths >= SPARE_FAILURES:
-                    # spares die before serving anything (a broken install?): do not spin
-                    log.error("spares keep exiting while idle; retrying in %.0f s",
-                              SPARE_BACKOFF)
-                    time.sleep(SPARE_BACKOFF)
-                    self._idle_deaths = 0
-                self._fork_spare()
-            readable, _, _ = select.select([self._taken_r, self._wake_r], [], [])
+            missing = self.spares - len(self._idle)
+            now = time.monotonic()
+            if missing > 0 and (now >= refill_at or
+                                (not self._idle and _pending(self._sock))):
+                for _ in range(missing):
+                    if self._stopping:
+                        break
+                    if self._idle_deaths >= SPARE_FAILURES:
+                        # spares die before serving anything (a broken install?): do not spin
+                        log.error("spares keep exiting while idle; retrying in %.0f s",
+                                  SPARE_BACKOFF)
+                        time.sleep(SPARE_BACKOFF)
+                        self._idle_deaths = 0
+                    self._fork_spare()
+                continue
+            watch = [self._taken_r, self._wake_r]
+            timeout = None
+            if missing > 0:
+                timeout = max(0.0, refill_at - now)
+                if not self._idle:
+                    watch.append(self._sock.fileno())  # a start waiting for a spare
+            readable, _, _ = select.select(watch, [], [], timeout)
             # taken first: a spare that served a very short container may already be gone
             if self._taken_r in readable:
                 for (pid,) in struct.iter_unpack("i", _read_whole(self._taken_r)):
                     self._idle.discard(pid)
                     self._idle_deaths = 0
+                refill_at = time.monotonic() + self.refill_delay
             if self._wake_r in readable:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 512)
@@ -259,7 +287,7 @@ class ShimServer:
             os.setpriority(os.PRIO_PROCESS, 0, 19)
         warm_up()
         if lowered:
-            os.setpriority(os.PRIO_PROCESS, 0, priority)
+            procctx.renice(priority)  # the warm-up started a worker thread
         self._sock.setblocking(False)
         while True:
             listening = self._sock.fileno()
@@ -330,6 +358,12 @@ class ShimServer:
         os.waitpid(pid, 0)
 
 
+def _pending(sock: socket.socket) -> bool:
+    """Is a connection waiting to be accepted on the listening ``sock``?"""
+    readable, _, _ = select.select([sock.fileno()], [], [], 0)
+    return bool(readable)
+
+
 def _read_whole(fd: int) -> bytes:
     """Whole pids from the taken pipe (writes of 4 bytes are atomic)."""
     return os.read(fd, 4096)
@@ -338,9 +372,8 @@ def _read_whole(fd: int) -> bytes:
 def warm_up() -> None:
     """Run, in an idle spare, what a ``start`` runs, so that its copy-on-write faults and
     first-call costs (an event loop, a thread pool, a spawn) are paid before a container waits
-    for them; then freeze what is left for the collector."""
-    import asyncio  # noqa: PLC0415 - preloaded
-
+    for them; then freeze what is left for the collector. The event loop and its worker
+    thread stay, for the start (:func:`shim.prewarm_loop`)."""
     from shim_hooks import config, runtimeopts, shim  # noqa: PLC0415 - preloaded
 
     handoff.decode(handoff.encode(["warm-up", "start"], os.environb, os.getcwdb()))
@@ -349,12 +382,7 @@ def warm_up() -> None:
     with contextlib.suppress(config.ConfigError):
         config.load()
     runtimeopts.parse(b"")
-
-    async def loop_work() -> None:
-        await asyncio.sleep(0)
-        await asyncio.to_thread(int)
-
-    asyncio.run(loop_work())
+    shim.prewarm_loop()
     subprocess.run(["true"], check=False)
     gc.collect()
     gc.freeze()
@@ -410,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "finds it there or at $KATA_IPU_SHIM_SERVER)")
     p.add_argument("--spares", type=int, default=1, metavar="N",
                    help="pre-forked children kept waiting for a start (default %(default)s)")
+    p.add_argument("--refill-delay", type=float, default=REFILL_DELAY, metavar="SECONDS",
+                   help="wait this long after a spare took a start before forking its "
+                   "replacement, unless another start is waiting (default %(default)s)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
     return p
@@ -418,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     jsonlog.setup(getattr(logging, args.log_level.upper()), sys.stderr)
-    server = ShimServer(args.socket, args.spares)
+    server = ShimServer(args.socket, args.spares, refill_delay=args.refill_delay)
     try:
         server.listen()
     except (ServerError, OSError) as exc:

@@ -47,12 +47,15 @@ from shim_hooks import runtimeopts, shimlog
 from shim_hooks.taskapi import DeleteResponse
 
 if TYPE_CHECKING:
+    import asyncio
+
     from shim_hooks.proxy import EarlyPrepare
 
 log = logging.getLogger("shim_hooks.shim")
 
 START_TIMEOUT = 30.0
 DELEGATE_TIMEOUT = 60.0
+REQUEST_LIMIT = 0.01  # seconds the delegate's start may wait for Prepare's request to go out
 
 
 @functools.cache
@@ -114,6 +117,24 @@ class Launched:
     grouped: bool  # a proxy already serves this delegate (a pod's later container)
 
 
+@dataclass(frozen=True)
+class DelegatePlan:
+    """Which delegate shim ``start`` runs, and with what."""
+
+    cfg: shimconfig.ShimConfig  # with the delegate the runtime options chose
+    bundle: Path
+    options: bytes  # containerd's runtime options, as it wrote them
+    opts: runtimeopts.RuntimeOptions
+
+
+def plan_delegate(args: argparse.Namespace, cfg: shimconfig.ShimConfig,
+                  options: bytes) -> DelegatePlan:
+    opts = runtimeopts.parse(options)
+    if opts.delegate is not None:  # the handler's runtime options are the most specific
+        cfg = replace(cfg, delegate=opts.delegate)
+    return DelegatePlan(cfg, Path(args.bundle or os.getcwd()), options, opts)
+
+
 @dataclass
 class Delegate:
     """A delegate shim's ``start`` in flight."""
@@ -125,14 +146,10 @@ class Delegate:
     t0: float
 
 
-def spawn_delegate(args: argparse.Namespace, cfg: shimconfig.ShimConfig,
-                   options: bytes) -> Delegate:
+def spawn_delegate(args: argparse.Namespace, plan: DelegatePlan) -> Delegate:
     """Run the delegate's ``start`` with containerd's flags and (translated) options."""
     t0 = time.monotonic()
-    bundle = Path(args.bundle or os.getcwd())
-    opts = runtimeopts.parse(options)
-    if opts.delegate is not None:  # the handler's runtime options are the most specific
-        cfg = replace(cfg, delegate=opts.delegate)
+    cfg, bundle = plan.cfg, plan.bundle
     binary = shimconfig.resolve_binary(cfg.delegate_binary)
     argv = delegate_argv(binary, args, "start")
     log.debug("starting delegate", extra={"delegate": cfg.delegate, "argv": argv})
@@ -140,7 +157,7 @@ def spawn_delegate(args: argparse.Namespace, cfg: shimconfig.ShimConfig,
                             stderr=subprocess.STDOUT)
     assert proc.stdin is not None
     with contextlib.suppress(BrokenPipeError):
-        proc.stdin.write(runtimeopts.for_delegate(options, opts, cfg.delegate))
+        proc.stdin.write(runtimeopts.for_delegate(plan.options, plan.opts, cfg.delegate))
         proc.stdin.close()
     return Delegate(proc, binary, cfg, bundle, t0)
 
@@ -183,7 +200,7 @@ def start(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options: bytes,
     from shim_hooks import proxy  # noqa: PLC0415 - deferred, see the module docstring
 
     t0 = time.monotonic()
-    d = spawn_delegate(args, cfg, options)
+    d = spawn_delegate(args, plan_delegate(args, cfg, options))
     early: EarlyPrepare | None = None
     try:
         early = proxy.EarlyPrepare.run(d.cfg, args.namespace, args.id, d.bundle)
@@ -203,28 +220,68 @@ def start(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options: bytes,
                                     "start_seconds": round(time.monotonic() - t0, 6)})
 
 
+_warm_loop: asyncio.AbstractEventLoop | None = None  # see prewarm_loop
+
+
+def prewarm_loop() -> None:
+    """In an idle kata-ipu-shimd spare: make the event loop :func:`serve_in_place` will run,
+    with its worker thread already started and a connection to kata-ipud open (making them
+    when a start arrives costs milliseconds on a busy host, on the container's critical
+    path)."""
+    import asyncio  # noqa: PLC0415 - preloaded by the server
+
+    global _warm_loop  # noqa: PLW0603 - one per spare process, taken by its one start
+
+    from shim_hooks import ipu  # noqa: PLC0415 - preloaded by the server
+
+    async def start_worker() -> None:
+        await asyncio.to_thread(int)
+        with contextlib.suppress(shimconfig.ConfigError):
+            # the server reads the same configuration as containerd's shims
+            await ipu.keep_connection(shimconfig.load().address)
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(start_worker())
+    _warm_loop = loop
+
+
 def serve_in_place(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options: bytes,
                    report: Callable[[str], None]) -> int:
     """``start`` in a process that then becomes the proxy (kata-ipu-shimd's child).
 
     One event loop does it all, so ``Prepare`` runs from the first moment to whenever it
-    ends: the address is reported as soon as the delegate has started and the proxy
-    listens, and ``Create`` waits for the rootfs only if it is not ready yet.
+    ends: its request goes out before the delegate is forked (the IPU works while the
+    delegate starts), the address is reported as soon as the delegate has started and the
+    proxy listens, and ``Create`` waits for the rootfs only if it is not ready yet.
     """
+    global _warm_loop  # this start takes the loop its spare prepared (prewarm_loop)
     import asyncio  # noqa: PLC0415 - preloaded by the server
 
+    from kata_ipu.ttrpc import UnixListener  # noqa: PLC0415 - preloaded by the server
     from shim_hooks import proxy  # noqa: PLC0415 - preloaded by the server
 
     async def run() -> None:
-        d = spawn_delegate(args, cfg, options)
-        early = proxy.EarlyPrepare.begin(d.cfg, args.namespace, args.id, d.bundle)
+        plan = plan_delegate(args, cfg, options)
+        early = proxy.EarlyPrepare.begin(plan.cfg, args.namespace, args.id, plan.bundle)
         try:
-            launched = await asyncio.to_thread(delegate_started, args, d)
+            if early is not None:
+                await early.requested(REQUEST_LIMIT)
+            # the proxy's socket, listening while the delegate starts; named after the
+            # delegate's address once that is known
+            os.makedirs(plan.cfg.socket_dir, mode=0o711, exist_ok=True)
+            listener = UnixListener(os.path.join(plan.cfg.socket_dir, f".{os.getpid()}.sock"))
+            try:
+                d = spawn_delegate(args, plan)
+                launched = await asyncio.to_thread(delegate_started, args, d)
+            except BaseException:
+                listener.close()
+                raise
         except BaseException:
             if early is not None:
                 await early.release_async()
             raise
         if launched.grouped:
+            listener.close()
             if early is not None:
                 await early.release_async()
             report(launched.address)
@@ -232,9 +289,11 @@ def serve_in_place(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options
         set_process_name(PROXY_NAME)
         await proxy.serve(d.cfg, launched.delegate_address, launched.listen, args.namespace,
                           lambda: report(launched.address), cid=args.id, early=early,
-                          bundle=d.bundle, record=launched.record)
+                          bundle=d.bundle, record=launched.record, listener=listener)
 
-    asyncio.run(run())
+    loop, _warm_loop = _warm_loop, None
+    with asyncio.Runner(loop_factory=None if loop is None else lambda: loop) as runner:
+        runner.run(run())
     return 0
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import json
 import os
 import re
 import statistics
@@ -107,11 +108,13 @@ def containerd(work: Path, name: str, env: dict[str, str],
 
 
 @contextlib.contextmanager
-def shim_server(work: Path) -> Iterator[Path]:
+def shim_server(work: Path, env: dict[str, str]) -> Iterator[Path]:
+    """kata-ipu-shimd with the shims' configuration (``env``), as on a host where both read
+    /etc/kata-ipu/shim.toml."""
     sock = work / "shimd.sock"
     with open(work / "shimd.log", "ab") as log:
         proc = subprocess.Popen([str(BIN / "kata-ipu-shimd"), "--socket", str(sock)],
-                                stdout=log, stderr=subprocess.STDOUT)
+                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
     try:
         deadline = time.monotonic() + 30
         while not sock.exists():
@@ -128,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench_shim")
     p.add_argument("--runs", type=int, default=7)
     p.add_argument("--payload-mib", type=int, default=64)
+    p.add_argument("--quick", action="store_true",
+                   help="only plain runc, kata-ipu (native + server) and the proxy alone; "
+                   "no cold runs")
+    p.add_argument("--keep-logs", type=Path, default=None,
+                   help="copy each containerd's log (with the shims' JSON lines) here")
     a = p.parse_args(argv)
     if os.geteuid() != 0:
         print("bench_shim: needs root (containerd, loop devices, mounts)")
@@ -160,20 +168,26 @@ def main(argv: list[str] | None = None) -> int:
                                                 'fallback = "passthrough"\n')
                 env = {"KATA_IPU_ADDRESS": ipud.address, "KATA_IPU_DELEGATE": "runc",
                        "KATA_IPU_SHIM_CONFIG": str(work / "shim.toml")}
-                with shim_server(work) as sock, \
+                with shim_server(work, env) as sock, \
                         containerd(work, "inproc", {**env, "KATA_IPU_SHIM_SERVER": ""},
                                    [str(BIN)]) as inproc, \
                         containerd(work, "pylaunch", {**env, "KATA_IPU_SHIM_SERVER": str(sock)},
                                    [str(BIN)]) as pylaunch, \
                         containerd(work, "native", {**env, "KATA_IPU_SHIM_SERVER": str(sock)},
                                    [str(native), str(BIN)]) as fast:
-                    return _bench(fast, pylaunch, inproc, ref, a.runs, work, a.payload_mib)
+                    rc = _bench(fast, pylaunch, inproc, ref, a.runs, work, a.payload_mib,
+                                a.quick, a.keep_logs)
+                if a.keep_logs is not None:
+                    (a.keep_logs / "ipud.log").write_bytes(ipud.log.read_bytes())
+                    (a.keep_logs / "shimd.log").write_bytes((work / "shimd.log").read_bytes())
+                return rc
             finally:
                 ipud.teardown()
 
 
 def _bench(fast: Containerd, pylaunch: Containerd, inproc: Containerd, ref: dict[str, str],
-           runs: int, work: Path, payload_mib: int) -> int:
+           runs: int, work: Path, payload_mib: int, quick: bool = False,
+           keep_logs: Path | None = None) -> int:
     for ctd in (fast, pylaunch, inproc):
         ctd.ctr("image", "pull", "--plain-http", ref["warm"], timeout=600)
     n = iter(range(10**6))
@@ -199,6 +213,9 @@ def _bench(fast: Containerd, pylaunch: Containerd, inproc: Containerd, ref: dict
             inproc, "--runtime", "io.containerd.runc.v2", "--runc-binary", "kata-ipu-runtime",
             "--annotation", f"{ANN}={ref['warm']}"),
     }
+    if quick:
+        variants = {k: v for k, v in variants.items()
+                    if "native" in k or "runc.v2 (" in k or "proxy only" in k}
     # warm-up: the IPU builds its base, page cache and binaries are hot for everyone
     for fn in variants.values():
         fn()
@@ -210,17 +227,9 @@ def _bench(fast: Containerd, pylaunch: Containerd, inproc: Containerd, ref: dict
             # container; the wrapper's is a Python process) finish before the next one starts
             time.sleep(SETTLE)
             results[name].append(fn())
-    # cold
-    empty = work / "empty-rootfs"
-    empty.mkdir()
-    cold_ipu = first_line(fast, "run", "--rm", "--rootfs", "--runtime",
-                          "io.containerd.kata-ipu.v2", "--annotation", f"{ANN}={ref['cold-ipu']}",
-                          str(empty), "cold-ipu", *CMD)
-    t0 = time.monotonic()
-    fast.ctr("image", "pull", "--plain-http", ref["cold-ctd"], timeout=600)
-    pulled = time.monotonic() - t0
-    cold_ctd = pulled + first_line(fast, "run", "--rm", ref["cold-ctd"], "cold-ctd", *CMD)
-
+    cold_ipu = cold_ctd = pulled = 0.0
+    if not quick:
+        cold_ipu, cold_ctd, pulled = _cold(fast, ref, work)
     ver = subprocess.run(["containerd", "--version"], capture_output=True, text=True,
                          check=False).stdout
     print(f"ctr run --rm to the first output line; {ver.split()[2]} containerd, "
@@ -231,11 +240,14 @@ def _bench(fast: Containerd, pylaunch: Containerd, inproc: Containerd, ref: dict
     plain = statistics.median(results[names[0]])
     for name in names:
         print(_row(name, results[name], plain if name != names[0] else None))
-    print(_row("cold: kata-ipu.v2 (IPU pulls+builds; native + server)", [cold_ipu]))
-    print(_row("cold: ctr image pull + ctr run (runc.v2)", [cold_ctd]))
+    if not quick:
+        print(_row("cold: kata-ipu.v2 (IPU pulls+builds; native + server)", [cold_ipu]))
+        print(_row("cold: ctr image pull + ctr run (runc.v2)", [cold_ctd]))
     up = shim_daemon_started([fast, pylaunch, inproc])
     print("breakdown (medians, ms): ctr -> runc shim daemon up (containerd's log) | the rest")
-    for name in names[:5]:
+    for name in names:
+        if "kata-ipu-runtime" in name:  # no shim of its own to time
+            continue
         measured = ids[variants[name]][-runs:]
         to_shim = [up[c] for c in measured if c in up]
         if to_shim:
@@ -245,10 +257,30 @@ def _bench(fast: Containerd, pylaunch: Containerd, inproc: Containerd, ref: dict
     ratio = statistics.median(results[names[1]]) / plain
     print(f"ratio warm kata-ipu (native + server) / plain runc: {ratio:.2f}x (goal <= 1.2x: "
           f"{'met' if ratio <= 1.2 else 'MISSED'})")
-    ratio = cold_ipu / cold_ctd
-    print(f"ratio cold kata-ipu / (pull + run): {ratio:.2f}x (goal <= 0.5x: "
-          f"{'met' if ratio <= 0.5 else 'MISSED'}); pull alone took {pulled:.3f}s")
+    if not quick:
+        ratio = cold_ipu / cold_ctd
+        print(f"ratio cold kata-ipu / (pull + run): {ratio:.2f}x (goal <= 0.5x: "
+              f"{'met' if ratio <= 0.5 else 'MISSED'}); pull alone took {pulled:.3f}s")
+    if keep_logs is not None:
+        keep_logs.mkdir(parents=True, exist_ok=True)
+        for ctd in (fast, pylaunch, inproc):
+            (keep_logs / f"{ctd.workdir.name}.log").write_text(ctd.log_text())
+        (keep_logs / "started.json").write_text(json.dumps(STARTED))  # wall clock per ctr
     return 0
+
+
+def _cold(fast: Containerd, ref: dict[str, str], work: Path) -> tuple[float, float, float]:
+    """Seconds of a cold kata-ipu run, of a cold pull + run, and of that pull alone."""
+    empty = work / "empty-rootfs"
+    empty.mkdir()
+    cold_ipu = first_line(fast, "run", "--rm", "--rootfs", "--runtime",
+                          "io.containerd.kata-ipu.v2", "--annotation", f"{ANN}={ref['cold-ipu']}",
+                          str(empty), "cold-ipu", *CMD)
+    t0 = time.monotonic()
+    fast.ctr("image", "pull", "--plain-http", ref["cold-ctd"], timeout=600)
+    pulled = time.monotonic() - t0
+    cold_ctd = pulled + first_line(fast, "run", "--rm", ref["cold-ctd"], "cold-ctd", *CMD)
+    return cold_ipu, cold_ctd, pulled
 
 
 if __name__ == "__main__":

@@ -61,15 +61,15 @@ class Server:
         self.log = work / "shimd.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> Server:
+    def start(self, *extra: str, env: dict[str, str] | None = None) -> Server:
         def limits() -> None:
             hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
             resource.setrlimit(resource.RLIMIT_CORE, (SERVER_CORE_SOFT, hard))
 
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [SERVER, "--socket", str(self.socket), "--log-level", "debug"],
-                stdout=log, stderr=subprocess.STDOUT,
+                [SERVER, "--socket", str(self.socket), "--log-level", "debug", *extra],
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                 preexec_fn=limits)  # noqa: PLW1509 - only the main thread forks here
         deadline = time.monotonic() + 30
         while not self.serving():
@@ -263,6 +263,87 @@ def test_concurrent_starts_through_the_server(env: Env, server: Server,
         devices.add(device)
     assert len(devices) >= 2  # not one shared device (loops are reused only once released)
     assert '"hand-off"' in server.log.read_text()
+
+
+def test_a_start_that_finds_no_idle_spare_gets_one_forked_at_once(env: Env,
+                                                                  tmp_path: Path) -> None:
+    """The replacement of a used spare is forked late (--refill-delay), but a start that
+    arrives before that must not wait for it: with an hour's delay, back-to-back containers
+    only run if the waiting start makes the server fork."""
+    (tmp_path / "shimd").mkdir()
+    server = Server(tmp_path / "shimd").start("--refill-delay", "3600")
+    c = _containerd(env, server, tmp_path / "ctd", "runc",
+                    (str(env.work / "native"), str(Path(sys.executable).parent)))
+    try:
+        c.ctr("image", "pull", "--plain-http", env.ref, timeout=300)
+        for i in range(3):
+            out = c.ctr("run", "--rm", "--runtime", RUNTIME, "--annotation",
+                        f"{IMAGE_ANN}={env.ref}", env.ref, f"late{i}", "sh", "-c",
+                        "head -n1 /etc/motd", timeout=60, check=False)
+            assert (out.returncode, out.stdout.strip()) == (0, "via kata-ipu-shimd"), out.stderr
+        assert server.log.read_text().count('"hand-off"') >= 3
+    finally:
+        c.teardown()
+        server.stop()
+    assert env.volumes() == []
+
+
+def _connected_to(pid: int, socket_path: Path) -> bool:
+    """Does process ``pid`` hold a connection to the unix socket listening at
+    ``socket_path`` (the kernel's view, through ss)?"""
+    out = subprocess.run(["ss", "-xpnH"], capture_output=True, text=True, check=True,
+                         timeout=30).stdout.splitlines()
+    peers = set()  # the inodes at the other end of pid's connections
+    for line in out:
+        f = line.split()
+        if f"pid={pid}," in line and len(f) >= 8:
+            peers.add(f[7])
+    return any(f[4] == str(socket_path) and f[5] in peers
+               for f in (line.split() for line in out) if len(f) >= 8)
+
+
+def test_a_spare_prepares_on_a_connection_it_kept_and_gets_over_a_daemon_restart(
+        env: Env, tmp_path: Path) -> None:
+    """An idle spare connects to kata-ipud ahead (the server reads the shims' configuration);
+    the next Prepare uses that connection. When the daemon restarted meanwhile, the dead
+    connection is replaced and the container starts all the same."""
+    (tmp_path / "shimd").mkdir()
+    shim_env = {"KATA_IPU_ADDRESS": env.ipud.address,
+                "KATA_IPU_SHIM_CONFIG": str(env.work / "shim.toml")}
+    server = Server(tmp_path / "shimd").start(env=shim_env)
+    c = _containerd(env, server, tmp_path / "ctd", "runc",
+                    (str(env.work / "native"), str(Path(sys.executable).parent)))
+    ipud_socket = Path(env.ipud.address.removeprefix("unix://"))
+
+    def spare_connected() -> bool:
+        deadline = time.monotonic() + 30  # a spare connects at the end of its warm-up
+        while time.monotonic() < deadline:
+            if any(_connected_to(p, ipud_socket) for p in server.children()):
+                return True
+            time.sleep(0.1)
+        return False
+
+    def run(cid: str) -> None:
+        out = c.ctr("run", "--rm", "--runtime", RUNTIME, "--annotation",
+                    f"{IMAGE_ANN}={env.ref}", env.ref, cid, "sh", "-c",
+                    "grep ' / ' /proc/mounts | cut -d' ' -f1", timeout=120, check=False)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("/dev/loop"), out.stdout
+
+    try:
+        c.ctr("image", "pull", "--plain-http", env.ref, timeout=300)
+        assert spare_connected()
+        run("kept1")
+        assert spare_connected()  # the replacement spare connected again
+        env.ipud.stop()
+        env.ipud.start()
+        run("kept2")  # its kept connection died with the old daemon
+        assert env.volumes() == []
+    finally:
+        c.teardown()
+        server.stop()
+        if env.ipud.proc is None:
+            env.ipud.start()
 
 
 def test_killed_server_leaves_running_containers_alone_and_start_falls_back(

@@ -55,17 +55,23 @@ def test_known_controllers_come_from_proc_cgroups() -> None:
 
 
 _CHILD = r"""
-import json, os, resource, sys
+import json, os, resource, sys, threading
 from pathlib import Path
 from shim_hooks import procctx
 pid, cwd = int(sys.argv[1]), sys.argv[2]
+done = threading.Event()
+worker = threading.Thread(target=done.wait)  # a spare has its worker thread already
+worker.start()
 procctx.adopt(pid, {"ADOPTED": "yes", "PATH": "/usr/bin"}, cwd)
+thread_nice = [int(Path(f"/proc/self/task/{t}/stat").read_text().rpartition(")")[2].split()[16])
+               for t in os.listdir("/proc/self/task")]
+done.set()
 limits = {r: resource.getrlimit(getattr(resource, r)) for r in ("RLIMIT_CORE", "RLIMIT_NOFILE")}
 umask = os.umask(0)
 print(json.dumps({"cwd": os.getcwd(), "env": dict(os.environ), "umask": umask,
                   "limits": limits,
                   "oom": Path("/proc/self/oom_score_adj").read_text().strip(),
-                  "nice": os.getpriority(os.PRIO_PROCESS, 0),
+                  "nice": os.getpriority(os.PRIO_PROCESS, 0), "thread_nice": thread_nice,
                   "cgroup": Path("/proc/self/cgroup").read_text()}))
 """
 
@@ -95,6 +101,7 @@ def test_adopt_takes_the_callers_cwd_env_umask_rlimits_oom_score_nice_and_cgroup
     assert got["limits"]["RLIMIT_NOFILE"][0] == 777
     assert got["oom"] == "321"
     assert got["nice"] == 7
+    assert got["thread_nice"] == [7, 7]  # every thread's: a nice value is per thread
     assert got["cgroup"] == Path(f"/proc/{os.getpid()}/cgroup").read_text()
 
 
