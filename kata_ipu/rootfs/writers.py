@@ -38,6 +38,7 @@ from kata_ipu.executor import DEFAULT, CommandFailed, Executor
 from kata_ipu.rootfs import mount as mnt
 from kata_ipu.rootfs.errors import ImageTooLarge
 from kata_ipu.rootfs.sizing import MiB, TreeUsage, ext4_geometry, measure_tree
+from kata_ipu.rootfs.writeback import Pacer
 
 log = logging.getLogger("kata_ipu.rootfs")
 
@@ -207,6 +208,7 @@ class LoopExt4Writer:
         self._mounted = False
         self._since_check = 0
         self._budget = 0
+        self._pacer: Pacer | None = None
         self.clock = StageClock()
 
     @staticmethod
@@ -236,6 +238,8 @@ class LoopExt4Writer:
                                "rw,noatime,nosuid,nodev,noexec,barrier=0",
                                self._device, str(self._mountpoint)])
         self._mounted = True
+        self._pacer = Pacer(self._mountpoint, self.partial)
+        self._pacer.start()
         return str(self._mountpoint)
 
     def reserve(self, nbytes: int) -> None:
@@ -258,7 +262,14 @@ class LoopExt4Writer:
         self._since_check = 0
         self._budget = (free - nbytes - self.GROW_MARGIN) // 2
 
+    def _stop_pacer(self) -> None:
+        if self._pacer is not None:
+            self._pacer.stop()  # it holds the mount busy
+            log.debug("writeback paced", extra={"rounds": self._pacer.rounds})
+            self._pacer = None
+
     def _teardown(self) -> None:
+        self._stop_pacer()
         first: BaseException | None = None
         if self._mounted and self._mountpoint is not None:
             try:
@@ -283,7 +294,9 @@ class LoopExt4Writer:
         with self.clock("measure"):
             usage = measure_tree(str(self._mountpoint))
         # Writes the image's dirty data into the loop device (no flush: barrier=0); umount
-        # would do the same work. Durability comes from the fsync below.
+        # would do the same work. Durability comes from the fsync below. The pacer has done
+        # most of both while the layers were applied (kata_ipu.rootfs.writeback).
+        self._stop_pacer()
         with self.clock("sync"):
             self.executor.run(["sync", "-f", str(self._mountpoint)])
         with self.clock("umount"):
