@@ -9,9 +9,11 @@ Lifecycle::
 
     preload → listen (SOCK_SEQPACKET, mode 0600) → READY=1 → serving
     serving: keep one spare (a pre-forked child) accepting; when it takes a ``start``, fork
-             the next one
-    spare:   accept → peer check (SO_PEERCRED: our uid) → receive the hand-off (one message +
-             the launcher's stdin/stdout/stderr, :mod:`shim_hooks.handoff`) →
+             the next one ``refill_delay`` later (at once if a start waits for it)
+    spare:   warm up (at nice 19: a start's code path, its event loop and worker thread, a
+             connection to kata-ipud) → accept → peer check (SO_PEERCRED: our uid) → receive
+             the hand-off (one message + the launcher's stdin/stdout/stderr,
+             :mod:`shim_hooks.handoff`) →
              ``start``: become the proxy | ``delete``: run it in a detached grandchild, stay
              a spare | refused: log, stay a spare
     SIGTERM/SIGINT → stop accepting, remove the socket, exit 0
@@ -146,7 +148,8 @@ class ShimServer:
     faults as it first touches the interpreter's objects; a spare takes those (and warms the
     code path) while idle. Spares accept on the shared listening socket themselves; the one
     that gets a connection tells the server (a pid on the ``taken`` pipe), which forks its
-    replacement. A spare exits when the server is gone (EOF on the ``alive`` pipe).
+    replacement (after ``refill_delay``: :meth:`serve_forever`). A spare exits when the
+    server is gone (EOF on the ``alive`` pipe).
     """
 
     def __init__(self, path: str, spares: int = 1, *,
