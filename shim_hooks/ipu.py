@@ -82,6 +82,15 @@ async def keep_connection(address: str) -> None:
         log.debug("no connection kept to %s: %s", address, exc)
 
 
+async def drop_kept() -> None:
+    """Close kept connections no ``Prepare`` used (a start with nothing to prepare): a proxy
+    must not hold one for its container's lifetime."""
+    kept = list(_kept.values())
+    _kept.clear()
+    for client in kept:
+        await client.close()
+
+
 async def _call_prepare(client: Client, req: pb.PrepareRequest, timeout: float,
                         requested: Callable[[], None] | None, *,
                         kept: bool = False) -> pb.PrepareResponse | None:

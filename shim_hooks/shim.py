@@ -258,7 +258,7 @@ def serve_in_place(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options
     import asyncio  # noqa: PLC0415 - preloaded by the server
 
     from kata_ipu.ttrpc import UnixListener  # noqa: PLC0415 - preloaded by the server
-    from shim_hooks import proxy  # noqa: PLC0415 - preloaded by the server
+    from shim_hooks import ipu, proxy  # noqa: PLC0415 - preloaded by the server
 
     async def run() -> None:
         plan = plan_delegate(args, cfg, options)
@@ -280,6 +280,7 @@ def serve_in_place(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options
             if early is not None:
                 await early.release_async()
             raise
+        await ipu.drop_kept()  # early's Prepare has taken its connection, if it had one
         if launched.grouped:
             listener.close()
             if early is not None:

@@ -339,6 +339,19 @@ def test_a_spare_prepares_on_a_connection_it_kept_and_gets_over_a_daemon_restart
         env.ipud.start()
         run("kept2")  # its kept connection died with the old daemon
         assert env.volumes() == []
+        # a start with nothing to prepare (a pod's sandbox) must not keep the connection for
+        # its proxy's lifetime
+        c.ctr("run", "-d", "--runtime", RUNTIME,
+              "--annotation", "io.kubernetes.cri.container-type=sandbox",
+              "--annotation", "io.kubernetes.cri.sandbox-id=keptpod", env.ref, "keptpod",
+              "sleep", "600")
+        (proxy,) = _proxies_under(c.workdir)
+        assert spare_connected()  # the server's next spare has its own, as before
+        assert not _connected_to(proxy, ipud_socket)
+        c.ctr("task", "kill", "-s", "SIGKILL", "keptpod")
+        _wait_status(c, "keptpod", "STOPPED")
+        c.ctr("task", "delete", "keptpod")
+        c.ctr("container", "rm", "keptpod")
     finally:
         c.teardown()
         server.stop()
