@@ -502,16 +502,12 @@ class Server:
             raise FailedPrecondition(f"ttrpc: server is {self.runstate.value}")
         loop = asyncio.get_running_loop()
         if isinstance(address, UnixListener):
-            srv = await loop.create_unix_server(lambda: _Connection(self),
-                                                sock=address.take())
-            self._unix_paths.append(address.path)
-            self._listeners.append(srv)
-            self.runstate = Runstate.SERVING
-            log.info("ttrpc: listening", extra={"address": f"unix://{address.path}"})
-            return UnixAddress(address.path)
-        addr = parse_address(address) if isinstance(address, str) else address
+            addr: Address = UnixAddress(address.path)
+        else:
+            addr = parse_address(address) if isinstance(address, str) else address
         if isinstance(addr, UnixAddress):
-            sock = _bind_unix(addr.path, mode)
+            sock = (address.take() if isinstance(address, UnixListener)
+                    else _bind_unix(addr.path, mode))
             srv = await loop.create_unix_server(lambda: _Connection(self), sock=sock)
             self._unix_paths.append(addr.path)
             bound: Address = addr
