@@ -105,12 +105,10 @@ async def _call_prepare(client: Client, req: pb.PrepareRequest, timeout: float,
         try:
             return await client.call_message(api.ROOTFS_SERVICE, "Prepare", req,
                                              pb.PrepareResponse, timeout=timeout)
-        except ConnectionClosed as exc:
-            if kept:
+        except KataIpuError as exc:
+            if kept and isinstance(exc, ConnectionClosed):
                 log.debug("the kept connection to kata-ipud was closed: %s", exc.message)
                 return None
-            raise _refused(f"Prepare of {req.image} for {req.container_id}", exc) from None
-        except KataIpuError as exc:
             raise _refused(f"Prepare of {req.image} for {req.container_id}", exc) from None
 
 

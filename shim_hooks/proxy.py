@@ -162,13 +162,14 @@ class EarlyPrepare:
     """
 
     def __init__(self, cfg: ShimConfig, bundle: Path,
-                 task: asyncio.Task[ipu.Prepared | None] | None = None) -> None:
+                 task: asyncio.Task[ipu.Prepared | None] | None = None,
+                 requested: asyncio.Event | None = None) -> None:
         self.cfg = cfg
         self.bundle = bundle
         self._task = task
+        self._requested = requested  # set once the task's request is out (begin)
         self._prepared: ipu.Prepared | None = None
         self._error: KataIpuError | None = None
-        self._requested: asyncio.Event | None = None
 
     @staticmethod
     def spec_if_applies(cid: str, bundle: Path) -> dict[str, Any] | None:
@@ -213,9 +214,7 @@ class EarlyPrepare:
                 return await prepare(cfg, namespace, cid, bundle, spec,
                                      requested=requested.set)
 
-        early = cls(cfg, bundle, asyncio.ensure_future(bound()))
-        early._requested = requested
-        return early
+        return cls(cfg, bundle, asyncio.ensure_future(bound()), requested)
 
     async def requested(self, limit: float) -> None:
         """Wait (at most ``limit`` seconds) until the IPU has the request, or ``Prepare``

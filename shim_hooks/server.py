@@ -382,10 +382,11 @@ def warm_up() -> None:
     handoff.decode(handoff.encode(["warm-up", "start"], os.environb, os.getcwdb()))
     procctx.adopt(os.getpid(), dict(os.environ), os.getcwd())  # its own context: no change
     shim.build_parser().parse_args(["-namespace", "n", "-id", "i", "start"])
+    cfg = None
     with contextlib.suppress(config.ConfigError):
-        config.load()
+        cfg = config.load()  # the same configuration as containerd's shims
     runtimeopts.parse(b"")
-    shim.prewarm_loop()
+    shim.prewarm_loop(cfg.address if cfg is not None else None)
     subprocess.run(["true"], check=False)
     gc.collect()
     gc.freeze()

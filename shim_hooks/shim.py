@@ -223,11 +223,11 @@ def start(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options: bytes,
 _warm_loop: asyncio.AbstractEventLoop | None = None  # see prewarm_loop
 
 
-def prewarm_loop() -> None:
+def prewarm_loop(address: str | None) -> None:
     """In an idle kata-ipu-shimd spare: make the event loop :func:`serve_in_place` will run,
-    with its worker thread already started and a connection to kata-ipud open (making them
-    when a start arrives costs milliseconds on a busy host, on the container's critical
-    path)."""
+    with its worker thread already started and a connection to kata-ipud at ``address`` open
+    (making them when a start arrives costs milliseconds on a busy host, on the container's
+    critical path)."""
     import asyncio  # noqa: PLC0415 - preloaded by the server
 
     global _warm_loop  # noqa: PLW0603 - one per spare process, taken by its one start
@@ -236,9 +236,8 @@ def prewarm_loop() -> None:
 
     async def start_worker() -> None:
         await asyncio.to_thread(int)
-        with contextlib.suppress(shimconfig.ConfigError):
-            # the server reads the same configuration as containerd's shims
-            await ipu.keep_connection(shimconfig.load().address)
+        if address is not None:
+            await ipu.keep_connection(address)
 
     loop = asyncio.new_event_loop()
     loop.run_until_complete(start_worker())
