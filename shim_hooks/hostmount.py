@@ -14,7 +14,6 @@ mount is busy.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import functools
 import logging
@@ -34,9 +33,16 @@ _FLAGS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_
           "relatime": MS_RELATIME, "rw": 0}
 MAX_SYMLINKS = 40
 
+
 @functools.cache
-def _c() -> ctypes.CDLL:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+def libc() -> ctypes.CDLL:
+    """``mount``/``umount2`` of the C library this interpreter runs on (its global symbols).
+
+    Not ``ctypes.util.find_library("c")``: that runs ``/sbin/ldconfig -p`` and parses its
+    output — a fork, an exec and a millisecond or two of CPU holding the GIL, on every
+    container's start path (kata-ipu-shimd calls this once, before it forks spares).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
     libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                            ctypes.c_char_p]
     libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
@@ -61,7 +67,7 @@ def split_options(options: Sequence[str]) -> tuple[int, str]:
 def mount(device: str, target: str | os.PathLike[str], fstype: str,
           options: Sequence[str] = ()) -> None:
     flags, data = split_options(options)
-    if _c().mount(device.encode(), os.fsencode(target), fstype.encode(), flags,
+    if libc().mount(device.encode(), os.fsencode(target), fstype.encode(), flags,
                   data.encode() if data else None) != 0:
         err = ctypes.get_errno()
         raise MountError(err, f"mount {fstype} {device} on {target} failed: "
@@ -99,11 +105,11 @@ def umount(target: str | os.PathLike[str]) -> bool:
     if mount_source(target) is None:
         return False
     path = os.fsencode(target)
-    if _c().umount2(path, 0) != 0:
+    if libc().umount2(path, 0) != 0:
         err = ctypes.get_errno()
         if err == errno.EINVAL:  # raced with another unmount
             return False
-        if err != errno.EBUSY or _c().umount2(path, MNT_DETACH) != 0:
+        if err != errno.EBUSY or libc().umount2(path, MNT_DETACH) != 0:
             err = ctypes.get_errno() or err
             raise MountError(err, f"umount {target} failed: {os.strerror(err)}")
         log.warning("rootfs busy, detached lazily", extra={"target": str(target)})
