@@ -9,7 +9,6 @@ message that says what the IPU was asked and why it refused; an unreachable daem
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from kata_ipu import api
@@ -91,16 +90,11 @@ async def drop_kept() -> None:
         await client.close()
 
 
-async def _call_prepare(client: Client, req: pb.PrepareRequest, timeout: float,
-                        requested: Callable[[], None] | None, *,
+async def _call_prepare(client: Client, req: pb.PrepareRequest, timeout: float, *,
                         kept: bool = False) -> pb.PrepareResponse | None:
     """One ``Prepare`` on ``client`` (closed afterwards). None: ``client`` was a kept
     connection the daemon closed meanwhile (it restarted while a spare idled); ``Prepare``
     of a key is idempotent, so the caller asks again on a new connection."""
-    if requested is not None:
-        # the call below writes the request before it first waits: a task woken by this
-        # callback runs after the write
-        requested()
     async with client:
         try:
             return await client.call_message(api.ROOTFS_SERVICE, "Prepare", req,
@@ -113,17 +107,14 @@ async def _call_prepare(client: Client, req: pb.PrepareRequest, timeout: float,
 
 
 async def prepare(address: str, key: str, image: str, export: str,
-                  annotations: dict[str, str], timeout: float,
-                  requested: Callable[[], None] | None = None) -> Prepared:
-    """``requested()`` is called once the request is on its way (the daemon works on it while
-    the caller's loop does other things)."""
+                  annotations: dict[str, str], timeout: float) -> Prepared:
     req = pb.PrepareRequest(container_id=key, image=image, export=EXPORT_KINDS[export],
                             annotations=annotations)
     resp = None
     if (kept := _kept.pop(address, None)) is not None and not kept.closed:
-        resp = await _call_prepare(kept, req, timeout, requested, kept=True)
+        resp = await _call_prepare(kept, req, timeout, kept=True)
     if resp is None:
-        resp = await _call_prepare(await _connect(address), req, timeout, requested)
+        resp = await _call_prepare(await _connect(address), req, timeout)
     if resp is None:  # only a kept connection answers None; a new one raises instead
         raise IpuUnreachable(f"kata-ipu: the IPU service at {address} closed the connection")
     dev = resp.rootfs.device

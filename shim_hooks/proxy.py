@@ -69,15 +69,14 @@ class _Volume:
 
 
 async def prepare(cfg: ShimConfig, namespace: str, cid: str, bundle: Path,
-                  spec: dict[str, Any] | None = None, *,
-                  requested: Callable[[], None] | None = None) -> ipu.Prepared | None:
+                  spec: dict[str, Any] | None = None) -> ipu.Prepared | None:
     """Have the IPU prepare container ``cid``'s rootfs, as its bundle asks.
 
     None: leave the rootfs alone (a CRI sandbox). Raises :class:`bundles.NoImage` when the
     container names no image, and the IPU's error (its gRPC class kept) when it refuses. The
     volume is recorded in the bundle at once, so the ``delete`` action releases it even if
     this process dies before ``Create`` is answered. ``spec``: the bundle's ``config.json``
-    if the caller has read it already; ``requested``: see :func:`ipu.prepare`.
+    if the caller has read it already.
     """
     if spec is None:
         spec = bundles.read_spec(bundle)
@@ -95,7 +94,7 @@ async def prepare(cfg: ShimConfig, namespace: str, cid: str, bundle: Path,
     prepared = await ipu.prepare(
         cfg.address, key, plan.image, plan.export,
         {"containerd.io/namespace": namespace, "containerd.io/id": cid, **sandbox},
-        cfg.timeout, requested)
+        cfg.timeout)
     if premounts(cfg, prepared):
         # recorded before it is mounted: the delete action unmounts whatever is there
         prepared = dataclasses.replace(prepared, mountpoint=str(bundle / "rootfs"))
@@ -162,12 +161,10 @@ class EarlyPrepare:
     """
 
     def __init__(self, cfg: ShimConfig, bundle: Path,
-                 task: asyncio.Task[ipu.Prepared | None] | None = None,
-                 requested: asyncio.Event | None = None) -> None:
+                 task: asyncio.Task[ipu.Prepared | None] | None = None) -> None:
         self.cfg = cfg
         self.bundle = bundle
         self._task = task
-        self._requested = requested  # set once the task's request is out (begin)
         self._prepared: ipu.Prepared | None = None
         self._error: KataIpuError | None = None
 
@@ -202,33 +199,17 @@ class EarlyPrepare:
     @classmethod
     def begin(cls, cfg: ShimConfig, namespace: str, cid: str,
               bundle: Path) -> EarlyPrepare | None:
-        """Start :func:`prepare` as a task of the running loop; :meth:`requested` tells when
-        the IPU has the request."""
+        """Start :func:`prepare` as a task of the running loop (its request goes out at the
+        loop's next wait)."""
         spec = cls.spec_if_applies(cid, bundle)
         if spec is None:
             return None
-        requested = asyncio.Event()
 
         async def bound() -> ipu.Prepared | None:
             with jsonlog.bind(container_id=cid, namespace=namespace):
-                return await prepare(cfg, namespace, cid, bundle, spec,
-                                     requested=requested.set)
+                return await prepare(cfg, namespace, cid, bundle, spec)
 
-        return cls(cfg, bundle, asyncio.ensure_future(bound()), requested)
-
-    async def requested(self, limit: float) -> None:
-        """Wait (at most ``limit`` seconds) until the IPU has the request, or ``Prepare``
-        ended first: the caller forks the delegate next, and the daemon should be working on
-        the rootfs meanwhile."""
-        task, event = self._task, self._requested
-        if task is None or event is None or event.is_set():
-            return
-        waiter = asyncio.ensure_future(event.wait())
-        try:
-            await asyncio.wait({task, waiter}, timeout=limit,
-                               return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
+        return cls(cfg, bundle, asyncio.ensure_future(bound()))
 
     async def _settle(self) -> None:
         task, self._task = self._task, None
@@ -259,12 +240,15 @@ class EarlyPrepare:
 
 
 class TaskProxy:
-    """Forwards the Task API to ``delegate``; owns the container → IPU volume mapping."""
+    """Forwards the Task API to ``delegate``; owns the container → IPU volume mapping.
 
-    def __init__(self, cfg: ShimConfig, delegate: Client, namespace: str,
-                 early: dict[str, EarlyPrepare] | None = None) -> None:
+    ``delegate`` may be a connection still being made: calls wait for it (the proxy serves
+    containerd's first call while it connects)."""
+
+    def __init__(self, cfg: ShimConfig, delegate: Client | asyncio.Future[Client],
+                 namespace: str, early: dict[str, EarlyPrepare] | None = None) -> None:
         self.cfg = cfg
-        self.delegate = delegate
+        self._delegate = delegate
         self.namespace = namespace
         self.volumes: dict[str, _Volume] = {}
         self.early: dict[str, EarlyPrepare] = dict(early or {})
@@ -301,9 +285,15 @@ class TaskProxy:
             return await self.forward(method, ctx, payload)
         return forward
 
+    async def delegate(self) -> Client:
+        if not isinstance(self._delegate, Client):
+            self._delegate = await self._delegate
+        return self._delegate
+
     async def forward(self, method: str, ctx: CallContext, payload: bytes) -> bytes:
-        return await self.delegate.call(TASK_SERVICE, method, payload, timeout=ctx.timeout,
-                                        metadata=ctx.metadata)
+        delegate = await self.delegate()
+        return await delegate.call(TASK_SERVICE, method, payload, timeout=ctx.timeout,
+                                   metadata=ctx.metadata)
 
     # -- Create ------------------------------------------------------------------------------
     async def create(self, ctx: CallContext, payload: bytes) -> bytes:
@@ -373,22 +363,27 @@ async def serve(cfg: ShimConfig, delegate_address: str, listen: str, namespace: 
     ``early`` is container ``cid``'s rootfs, prepared during ``start``. With ``bundle`` and
     ``record``, the delegate's pid is added to the bundle's shim record once serving, so that
     ``delete`` can stop a delegate whose proxy was killed. ``listener``: a socket bound while
-    the delegate started; it is moved to ``listen`` and reported at once, and containerd's
-    first call waits in its backlog while the proxy connects to the delegate.
+    the delegate started; it is moved to ``listen`` and reported at once, and served while the
+    proxy connects to the delegate (containerd's first call waits for that connection, not
+    for the proxy to start reading). Without it, ``ready()`` comes once the proxy serves and
+    is connected, so that a failed connection fails ``start``.
     """
     if listener is not None:
         listener.publish(listen)
         ready()
-    try:
-        delegate = await Client.connect(delegate_address)
-    except BaseException:
-        if listener is not None:
-            listener.close()
-        raise
-    proxy = TaskProxy(cfg, delegate, namespace, {cid: early} if early is not None else None)
+    connecting = asyncio.ensure_future(Client.connect(delegate_address))
+    proxy = TaskProxy(cfg, connecting, namespace, {cid: early} if early is not None else None)
     server = Server()
     server.register(TASK_SERVICE, proxy.handlers())
-    await server.listen(listener if listener is not None else listen, mode=0o600)
+    try:
+        await server.listen(listener if listener is not None else listen, mode=0o600)
+        delegate = await connecting
+    except BaseException:
+        connecting.cancel()
+        if listener is not None:
+            listener.close()
+        await server.close()
+        raise
     if listener is None:
         ready()
     log.debug("proxy serving", extra={"address": listen, "delegate": delegate_address})

@@ -55,7 +55,6 @@ log = logging.getLogger("shim_hooks.shim")
 
 START_TIMEOUT = 30.0
 DELEGATE_TIMEOUT = 60.0
-REQUEST_LIMIT = 0.01  # seconds the delegate's start may wait for Prepare's request to go out
 
 
 @functools.cache
@@ -162,12 +161,68 @@ def spawn_delegate(args: argparse.Namespace, plan: DelegatePlan) -> Delegate:
     return Delegate(proc, binary, cfg, bundle, t0)
 
 
-def delegate_started(args: argparse.Namespace, d: Delegate) -> Launched:
-    """Wait for the delegate's address; record it; pick the proxy's socket."""
+def delegate_output(d: Delegate) -> tuple[str, int]:
+    """The delegate's ``start``: what it printed (its address, or why it failed), its status."""
     assert d.proc.stdout is not None
     with d.proc:
         output = d.proc.stdout.read().decode(errors="replace").strip()
-        rc = d.proc.wait(START_TIMEOUT)
+        return output, d.proc.wait(START_TIMEOUT)
+
+
+async def delegate_output_async(d: Delegate) -> tuple[str, int]:
+    """:func:`delegate_output` on the running event loop: the output is read as it comes and
+    the exit is seen through a pidfd, with no thread to hand the result over and no polling
+    (either costs a wake-up or a timer tick on the container's critical path)."""
+    import asyncio  # noqa: PLC0415 - only in a process that runs a loop
+
+    assert d.proc.stdout is not None
+    try:
+        pidfd = os.pidfd_open(d.proc.pid)
+    except OSError:  # a kernel older than 5.3
+        return await asyncio.to_thread(delegate_output, d)
+    loop = asyncio.get_running_loop()
+    out = d.proc.stdout.fileno()
+    os.set_blocking(out, False)
+    chunks: list[bytes] = []
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def drain() -> None:
+        """What is in the pipe now (a daemon the delegate leaves behind could hold it open:
+        its end is not awaited)."""
+        try:
+            while data := os.read(out, 65536):
+                chunks.append(data)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.warning("reading the delegate's start output: %s", exc)
+        loop.remove_reader(out)  # end of file (or unreadable)
+
+    def on_exit() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(out, drain)  # as it comes: a pipe holds only 64 KiB
+    loop.add_reader(pidfd, on_exit)
+    with d.proc:
+        try:
+            await asyncio.wait_for(exited, START_TIMEOUT)
+            drain()
+        except TimeoutError:
+            d.proc.kill()
+            raise ShimError(f"delegate {d.binary} start did not finish in "
+                            f"{START_TIMEOUT:.0f} s") from None
+        finally:
+            loop.remove_reader(out)
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+        rc = d.proc.wait()  # it has exited: reaped at once
+    return b"".join(chunks).decode(errors="replace").strip(), rc
+
+
+def delegate_started(args: argparse.Namespace, d: Delegate, output: str, rc: int) -> Launched:
+    """The delegate's ``start`` ended with ``output`` and ``rc``: record its address; pick the
+    proxy's socket."""
     if rc != 0:
         raise ShimError(f"delegate {d.binary} start failed (exit {rc}): {output}")
     cfg, bundle = d.cfg, d.bundle
@@ -204,7 +259,7 @@ def start(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options: bytes,
     early: EarlyPrepare | None = None
     try:
         early = proxy.EarlyPrepare.run(d.cfg, args.namespace, args.id, d.bundle)
-        launched = delegate_started(args, d)
+        launched = delegate_started(args, d, *delegate_output(d))
     except BaseException:
         if early is not None:
             early.discard()
@@ -248,10 +303,11 @@ def serve_in_place(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options
                    report: Callable[[str], None]) -> int:
     """``start`` in a process that then becomes the proxy (kata-ipu-shimd's child).
 
-    One event loop does it all, so ``Prepare`` runs from the first moment to whenever it
-    ends: its request goes out before the delegate is forked (the IPU works while the
-    delegate starts), the address is reported as soon as the delegate has started and the
-    proxy listens, and ``Create`` waits for the rootfs only if it is not ready yet.
+    One event loop does it all: the delegate is forked first (its own start is the longest
+    step), ``Prepare``'s request goes out while it starts (the IPU works meanwhile), the
+    delegate's output is read on the loop, the address is reported as soon as the delegate has
+    started and the proxy listens, and ``Create`` waits for the rootfs only if it is not ready
+    yet.
     """
     global _warm_loop  # this start takes the loop its spare prepared (prewarm_loop)
     import asyncio  # noqa: PLC0415 - preloaded by the server
@@ -261,21 +317,21 @@ def serve_in_place(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options
 
     async def run() -> None:
         plan = plan_delegate(args, cfg, options)
-        early = proxy.EarlyPrepare.begin(plan.cfg, args.namespace, args.id, plan.bundle)
+        # the delegate's own start is the longest step of this one: it goes first, and the
+        # IPU's Prepare and the proxy's socket are set up while it runs
+        d = spawn_delegate(args, plan)
+        early: proxy.EarlyPrepare | None = None
+        listener: UnixListener | None = None
         try:
-            if early is not None:
-                await early.requested(REQUEST_LIMIT)
+            early = proxy.EarlyPrepare.begin(plan.cfg, args.namespace, args.id, plan.bundle)
             # the proxy's socket, listening while the delegate starts; named after the
             # delegate's address once that is known
             os.makedirs(plan.cfg.socket_dir, mode=0o711, exist_ok=True)
             listener = UnixListener(os.path.join(plan.cfg.socket_dir, f".{os.getpid()}.sock"))
-            try:
-                d = spawn_delegate(args, plan)
-                launched = await asyncio.to_thread(delegate_started, args, d)
-            except BaseException:
-                listener.close()
-                raise
+            launched = delegate_started(args, d, *await delegate_output_async(d))
         except BaseException:
+            if listener is not None:
+                listener.close()
             if early is not None:
                 await early.release_async()
             raise

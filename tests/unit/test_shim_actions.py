@@ -8,14 +8,18 @@ real in tests/root/test_shim_containerd.py.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from shim_hooks import shim
+from shim_hooks.config import ShimConfig
 from shim_hooks.taskapi import DeleteResponse
 
 SHIM = str(Path(sys.executable).with_name("containerd-shim-kata-ipu-v2"))
@@ -120,3 +124,30 @@ def test_go_style_flags_and_a_missing_action() -> None:
         "/bin/d", "-namespace", "ns", "-id", "x", "-debug", "delete"]
     out = subprocess.run([SHIM, "-id", "x"], capture_output=True, text=True, check=False)
     assert out.returncode == 2 and "action is required" in out.stderr
+
+
+def _delegate(tmp_path: Path, script: str) -> shim.Delegate:
+    proc = subprocess.Popen(["sh", "-c", script], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return shim.Delegate(proc, "stand-in", ShimConfig(), tmp_path, time.monotonic())
+
+
+def test_the_delegates_start_is_read_on_the_loop_until_it_exits(tmp_path: Path) -> None:
+    """The address is what the delegate's start printed, its status is its exit status, and
+    its end is its exit, not the end of its output: the runc shim's own start leaves a daemon
+    behind, and a delegate whose daemon kept the pipe open must not hang the start (here: for
+    the 30 s of a background sleep), nor must output larger than a pipe's buffer."""
+    async def run(script: str) -> tuple[tuple[str, int], float]:
+        t0 = time.monotonic()
+        out = await shim.delegate_output_async(_delegate(tmp_path, script))
+        return out, time.monotonic() - t0
+
+    (out, rc), _ = asyncio.run(run("echo unix:///run/s.sock"))
+    assert (out, rc) == ("unix:///run/s.sock", 0)
+    (out, rc), took = asyncio.run(run("echo unix:///run/d.sock; sleep 30 & exit 0"))
+    assert (out, rc) == ("unix:///run/d.sock", 0)
+    assert took < 15, f"waited {took:.1f} s for the daemon's end of the pipe"
+    (out, rc), _ = asyncio.run(run("head -c 200000 /dev/zero | tr '\\0' x; echo; exit 5"))
+    assert (len(out), rc) == (200000, 5)
+    with pytest.raises(shim.ShimError, match=r"start failed \(exit 5\)"):
+        shim.delegate_started(argparse.Namespace(), _delegate(tmp_path, "exit 5"), "boom", 5)
