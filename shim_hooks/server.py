@@ -9,13 +9,14 @@ Lifecycle::
 
     preload → listen (SOCK_SEQPACKET, mode 0600) → READY=1 → serving
     serving: keep one spare (a pre-forked child) accepting; when it takes a ``start``, fork
-             the next one ``refill_delay`` later (at once if a start waits for it)
+             the next one ``refill_delay`` later (at once if a start waits for it); run each
+             ``delete`` a spare passes on in a child of its own
     spare:   warm up (at nice 19: a start's code path, its event loop and worker thread, a
              connection to kata-ipud) → accept → peer check (SO_PEERCRED: our uid) → receive
              the hand-off (one message + the launcher's stdin/stdout/stderr,
              :mod:`shim_hooks.handoff`) →
-             ``start``: become the proxy | ``delete``: run it in a detached grandchild, stay
-             a spare | refused: log, stay a spare
+             ``start``: become the proxy | ``delete``: pass it on to the server (the
+             connection and the descriptors), stay a spare | refused: log, stay a spare
     SIGTERM/SIGINT → stop accepting, remove the socket, exit 0
 
 The children are the proxies of live containers. Stopping or killing the server does not touch
@@ -27,8 +28,11 @@ environment, working directory, umask, rlimits, OOM score, nice value and cgroup
 (:mod:`procctx`). For ``start`` it then runs the shim's ``start`` (:func:`shim_hooks.shim.main`
 with :func:`~shim_hooks.shim.serve_in_place`), writes the address on the launcher's stdout,
 closes the launcher's descriptors, sends the exit status, and goes on serving as the proxy.
-``delete`` (which containerd runs after every container) is run the same way and the child
-exits. A bad hand-off is logged and refused; the server keeps serving.
+``delete`` (which containerd runs after every container) is run the same way, by a child
+the server forks for it, which exits. A spare never forks: a fork marks every page of the
+forking process copy-on-write again, and the start that spare took next paid a page fault
+(≈ 5 µs in a VM) for every page it wrote — ≈ 1,400 per start instead of ≈ 360, several
+milliseconds. A bad hand-off is logged and refused; the server keeps serving.
 """
 
 from __future__ import annotations
@@ -86,7 +90,9 @@ def preload() -> None:
     """Import what a ``start`` and its proxy need, once, before any fork."""
     import asyncio  # noqa: F401, PLC0415
 
-    from shim_hooks import proxy, shim  # noqa: F401, PLC0415
+    from shim_hooks import hostmount, proxy, shim  # noqa: F401, PLC0415
+
+    hostmount.libc()  # the C library's mount(2), looked up once
     # Objects that live as long as the server would be touched by the children's collector
     # and copied page by page; frozen, they stay shared.
     gc.collect()
@@ -119,11 +125,13 @@ def bind(path: str) -> socket.socket:
     return sock
 
 
-def receive(conn: socket.socket) -> tuple[handoff.Request, list[int]]:
-    """One hand-off message and its three descriptors; closes any received fd on error."""
+def receive(conn: socket.socket, nfds: int = handoff.FDS
+            ) -> tuple[bytes, handoff.Request, list[int]]:
+    """One hand-off message (raw and decoded) and its ``nfds`` descriptors; closes any
+    received fd on error."""
     conn.settimeout(RECEIVE_TIMEOUT)
     data, ancdata, flags, _ = conn.recvmsg(handoff.MAX_MESSAGE + 1,
-                                           socket.CMSG_SPACE(handoff.FDS * 4))
+                                           socket.CMSG_SPACE(nfds * 4))
     fds: list[int] = []
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -132,9 +140,9 @@ def receive(conn: socket.socket) -> tuple[handoff.Request, list[int]]:
     try:
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             raise handoff.HandoffError("message or descriptors truncated")
-        if len(fds) != handoff.FDS:
-            raise handoff.HandoffError(f"{len(fds)} descriptors instead of {handoff.FDS}")
-        return handoff.decode(data), fds
+        if len(fds) != nfds:
+            raise handoff.HandoffError(f"{len(fds)} descriptors instead of {nfds}")
+        return data, handoff.decode(data), fds
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -147,9 +155,10 @@ class ShimServer:
     A child forked only when a ``start`` arrives would spend milliseconds on copy-on-write
     faults as it first touches the interpreter's objects; a spare takes those (and warms the
     code path) while idle. Spares accept on the shared listening socket themselves; the one
-    that gets a connection tells the server (a pid on the ``taken`` pipe), which forks its
-    replacement (after ``refill_delay``: :meth:`serve_forever`). A spare exits when the
-    server is gone (EOF on the ``alive`` pipe).
+    that gets a start tells the server (its pid on the ``taken`` pipe), which forks its
+    replacement (after ``refill_delay``: :meth:`serve_forever`); a ``delete`` it passes on to
+    the server (the ``relay`` socket pair), which forks a child to run it. A spare exits when
+    the server is gone (EOF on the ``alive`` pipe).
     """
 
     def __init__(self, path: str, spares: int = 1, *,
@@ -162,6 +171,10 @@ class ShimServer:
         self._idle: set[int] = set()
         self._taken_r = self._taken_w = self._alive_r = self._alive_w = -1
         self._wake_r = self._wake_w = -1
+        # spares pass each `delete` to the server through this pair (the hand-off's message,
+        # then the launcher's connection and descriptors)
+        self._relay_r: socket.socket | None = None
+        self._relay_w: socket.socket | None = None
         self._idle_deaths = 0  # spares that died idle since one last served
         self.children = 0  # forked so far (for the log)
 
@@ -172,6 +185,7 @@ class ShimServer:
         self._taken_r, self._taken_w = os.pipe2(os.O_CLOEXEC)
         self._alive_r, self._alive_w = os.pipe2(os.O_CLOEXEC)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._relay_r, self._relay_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         signal.set_wakeup_fd(self._wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)  # reaped in the loop (wake-up fd)
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -200,6 +214,9 @@ class ShimServer:
         for fd in (self._taken_r, self._taken_w, self._alive_r, self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
+        for relay in (self._relay_r, self._relay_w):
+            if relay is not None:
+                relay.close()
         log.info("kata-ipu-shimd stopped", extra={"children": self.children})
 
     def serve_forever(self) -> None:
@@ -229,7 +246,8 @@ class ShimServer:
                         self._idle_deaths = 0
                     self._fork_spare()
                 continue
-            watch = [self._taken_r, self._wake_r]
+            assert self._relay_r is not None
+            watch = [self._taken_r, self._wake_r, self._relay_r.fileno()]
             timeout = None
             if missing > 0:
                 timeout = max(0.0, refill_at - now)
@@ -242,6 +260,8 @@ class ShimServer:
                     self._idle.discard(pid)
                     self._idle_deaths = 0
                 refill_at = time.monotonic() + self.refill_delay
+            if self._relay_r.fileno() in readable:
+                self._run_relayed()
             if self._wake_r in readable:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 512)
@@ -259,6 +279,52 @@ class ShimServer:
                         self._idle_deaths += 1
                         log.warning("a spare exited while idle",
                                     extra={"child": pid, "status": status})
+
+    def _run_relayed(self) -> None:
+        """Run a ``delete`` a spare passed on, in a child of the server (reaped by
+        :meth:`_reap`)."""
+        assert self._relay_r is not None and self._sock is not None
+        try:
+            _, request, fds = receive(self._relay_r, handoff.FDS + 1)
+            conn = socket.socket(fileno=fds[0])
+        except (handoff.HandoffError, OSError) as exc:
+            log.error("a delete passed on by a spare was lost: %s", exc)
+            return
+        try:
+            peer = peer_of(conn)
+        except OSError as exc:
+            log.error("a delete passed on by a spare was lost: %s", exc)
+            conn.close()
+            for fd in fds[1:]:
+                os.close(fd)
+            return
+        pid = os.fork()
+        if pid == 0:
+            rc = 1
+            try:
+                signal.set_wakeup_fd(-1)
+                self._leave_server()
+                with conn:
+                    rc = _child(conn, request, fds[1:], peer)
+            except BaseException:
+                log.exception("delete failed")
+            finally:
+                os._exit(rc)
+        conn.close()
+        for fd in fds[1:]:
+            os.close(fd)
+        self.children += 1
+
+    def _leave_server(self) -> None:
+        """In a child of the server that serves one hand-off: drop the server's descriptors."""
+        assert self._sock is not None and self._relay_r is not None
+        assert self._relay_w is not None
+        for fd in (self._taken_r, self._taken_w, self._alive_r, self._alive_w, self._wake_r,
+                   self._wake_w):
+            os.close(fd)
+        self._sock.close()
+        self._relay_r.close()
+        self._relay_w.close()
 
     def _fork_spare(self) -> None:
         pid = os.fork()
@@ -281,6 +347,8 @@ class ShimServer:
             signal.signal(sig, signal.SIG_DFL)
         for fd in (self._taken_r, self._alive_w, self._wake_r, self._wake_w):
             os.close(fd)
+        assert self._relay_r is not None
+        self._relay_r.close()
         # A spare is forked right after another was taken, i.e. while a container is being
         # started: warm up at the lowest priority so as not to compete with that start, then
         # take back the server's priority (lowering a nice value needs CAP_SYS_NICE: root).
@@ -306,10 +374,11 @@ class ShimServer:
             if got is None:
                 conn.close()  # refused: this spare stays idle
                 continue
-            request, fds, peer = got
+            data, request, fds, peer = got
             if request.argv[-1] != "start":
-                # `delete` runs after every container: not worth a warm spare
-                self._detached(conn, request, fds, peer)
+                # `delete` runs after every container: the server runs it (a spare that
+                # forked would fault on every page it writes during its next start)
+                self._relay(conn, data, fds)
                 continue
             break
         os.write(self._taken_w, struct.pack("i", os.getpid()))
@@ -320,45 +389,41 @@ class ShimServer:
     def _leave(self) -> None:
         """Let go of the server's descriptors: a proxy holding the listening socket would keep
         it connectable after the server is gone, and launchers would queue there forever."""
-        assert self._sock is not None
+        assert self._sock is not None and self._relay_w is not None
         for fd in (self._taken_w, self._alive_r):
             os.close(fd)
         self._sock.close()
+        self._relay_w.close()
+
+    def _relay(self, conn: socket.socket, data: bytes, fds: list[int]) -> None:
+        """Pass a hand-off to the server: its message, the connection and the descriptors
+        (this spare's copies are closed). Lost, the launcher sees the connection close with
+        no status and reports that."""
+        assert self._relay_w is not None
+        try:
+            self._relay_w.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                            struct.pack(f"{len(fds) + 1}i", conn.fileno(),
+                                                        *fds))])
+        except OSError as exc:
+            log.error("cannot pass a delete on to the server: %s", exc)
+        finally:
+            conn.close()
+            for fd in fds:
+                os.close(fd)
 
     def _receive(self, conn: socket.socket
-                 ) -> tuple[handoff.Request, list[int], Peer] | None:
+                 ) -> tuple[bytes, handoff.Request, list[int], Peer] | None:
         """One hand-off from ``conn``, or None (logged) when it is refused."""
         try:
             peer = peer_of(conn)
             if peer.uid != os.getuid():
                 raise handoff.HandoffError(f"peer uid {peer.uid} is not {os.getuid()}")
-            request, fds = receive(conn)
+            data, request, fds = receive(conn)
         except (handoff.HandoffError, OSError) as exc:
             log.warning("refused a start hand-off: %s", exc)
             return None
         log.debug("hand-off", extra={"peer": peer.pid, "argv": request.argv})
-        return request, fds, peer
-
-    def _detached(self, conn: socket.socket, request: handoff.Request, fds: list[int],
-                  peer: Peer) -> None:
-        """Run a hand-off in a grandchild (reaped by init) and stay a spare."""
-        pid = os.fork()
-        if pid == 0:
-            rc = 1
-            try:
-                if os.fork() == 0:
-                    self._leave()
-                    rc = _child(conn, request, fds, peer)
-                else:
-                    rc = 0
-            except BaseException:
-                log.exception("hand-off failed")
-            finally:
-                os._exit(rc)
-        for fd in fds:
-            os.close(fd)
-        conn.close()
-        os.waitpid(pid, 0)
+        return data, request, fds, peer
 
 
 def _pending(sock: socket.socket) -> bool:

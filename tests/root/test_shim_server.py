@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -286,6 +286,68 @@ def test_a_start_that_finds_no_idle_spare_gets_one_forked_at_once(env: Env,
         c.teardown()
         server.stop()
     assert env.volumes() == []
+
+
+def _wait_for(what: str, predicate: Callable[[], object], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_a_delete_runs_in_a_child_of_the_server_and_the_spare_stays(tmp_path: Path) -> None:
+    """A spare never forks (a fork marks its pages copy-on-write again, and its next start
+    faults on each): the spare that takes a ``delete`` passes it on to the server, which runs
+    it in a child of its own, while the same spare stays idle for the next start."""
+    require_root()
+    (tmp_path / "shimd").mkdir()
+    server = Server(tmp_path / "shimd").start()
+    bundle, stubs = tmp_path / "bundle", tmp_path / "stubs"
+    bundle.mkdir()
+    stubs.mkdir()
+    # the delegate's own delete, slow enough to be seen in the process tree
+    stub = stubs / "containerd-shim-runc-v2"
+    stub.write_text(f"#!/bin/sh\ntouch {tmp_path}/deleting\nsleep 3\n")
+    stub.chmod(0o755)
+    try:
+        _wait_for("no spare was forked", server.children)
+        (spare,) = server.children()
+        launcher = subprocess.Popen(
+            [str(Path(sys.executable).with_name("containerd-shim-kata-ipu-v2")), "-namespace",
+             "ns", "-id", "gone", "-bundle", str(bundle), "delete"], cwd=bundle,
+            env={**os.environ, "KATA_IPU_SHIM_SERVER": str(server.socket),
+                 "KATA_IPU_DELEGATE": "runc", "PATH": f"{stubs}:{os.environ['PATH']}"},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _wait_for("the delegate's delete did not run", (tmp_path / "deleting").exists)
+        (delegate,) = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+                       and str(stub) in _cmdline(int(p.name))]
+        runner = _ppid(delegate)  # the process running our delete action
+        assert runner != spare
+        assert _ppid(runner) == server.pid, "the delete does not run in a child of the server"
+        assert spare in server.children()
+        assert not Path(f"/proc/{spare}/task/{spare}/children").read_text().split(), \
+            "the spare forked"
+        out, err = launcher.communicate(timeout=60)
+        assert launcher.returncode == 0, err
+        assert out, "no DeleteResponse on stdout"
+        assert '"hand-off"' in server.log.read_text()  # served by the server, not in-process
+        assert server.children() == [spare]  # the same spare, still idle
+    finally:
+        server.stop()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
+
+
+def _ppid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("PPid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no PPid for {pid}")
 
 
 def _connected_to(pid: int, socket_path: Path) -> bool:
