@@ -31,6 +31,7 @@ import contextlib
 import datetime
 import json
 import os
+import random
 import re
 import statistics
 import subprocess
@@ -70,6 +71,16 @@ def first_line(ctd: Containerd, *args: str) -> float:
     if proc.returncode != 0 or line.strip() != b"ready":
         raise RuntimeError(f"{args}: exit {proc.returncode}: {line!r} {err.decode()}")
     return elapsed
+
+
+MARK_ENV = "KATA_IPU_BENCH_MARK"  # a tracefs trace_marker to name each measured run in
+
+
+def _mark(variant: str) -> None:
+    """Name the next measured run in the kernel's trace (tests/bench/trace_start.py)."""
+    if path := os.environ.get(MARK_ENV):
+        with open(path, "w", encoding="utf-8") as marker:
+            marker.write(f"kipu-bench {variant}")
 
 
 def shim_daemon_started(ctds: list[Containerd]) -> dict[str, float]:
@@ -225,11 +236,19 @@ def _bench(fast: Containerd, pylaunch: Containerd, inproc: Containerd, ref: dict
         fn()
         fn()
     results: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants.items())
+    shuffle = random.Random(7)  # the same orders on every invocation
     for _ in range(runs):  # interleaved, so drift hits every variant alike
-        for name, fn in variants.items():
+        # ... and in a new order each round: a stall whose period is close to a round's
+        # length locks onto a fixed rotation and lands on the same variant round after round
+        # (seen: ctr -> shim exec 10-15 ms longer, CPUs idle, for one variant through a
+        # whole invocation; which variant depended on the phase)
+        shuffle.shuffle(order)
+        for name, fn in order:
             # let the previous run's teardown (containerd runs the shim's `delete` after every
             # container; the wrapper's is a Python process) finish before the next one starts
             time.sleep(SETTLE)
+            _mark(name)
             results[name].append(fn())
     cold: list[tuple[float, float, float]] = []
     if not quick:
