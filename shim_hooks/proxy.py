@@ -270,13 +270,14 @@ class TaskProxy:
 
     async def connect(self, ctx: CallContext, payload: bytes) -> bytes:
         """Forwarded; its reply names the delegate's pid, which the bundle records (so that
-        the ``delete`` action can stop a delegate whose proxy was killed)."""
+        the ``delete`` action can stop a delegate whose proxy was killed) once the reply is on
+        its way: containerd's next call (``Start``) waits for it."""
         reply = await self.forward("Connect", ctx, payload)
         if self.on_delegate_pid is not None:
             with contextlib.suppress(WireError):
                 pid = decode_connect_response(reply)[0]
                 if pid:
-                    self.on_delegate_pid(pid)
+                    asyncio.get_running_loop().call_soon(self.on_delegate_pid, pid)
                     self.on_delegate_pid = None
         return reply
 
