@@ -220,28 +220,38 @@ async def delegate_output_async(d: Delegate) -> tuple[str, int]:
     return b"".join(chunks).decode(errors="replace").strip(), rc
 
 
-def delegate_started(args: argparse.Namespace, d: Delegate, output: str, rc: int) -> Launched:
-    """The delegate's ``start`` ended with ``output`` and ``rc``: record its address; pick the
-    proxy's socket."""
+def delegate_started(args: argparse.Namespace, d: Delegate, output: str, rc: int, *,
+                     record: bool = True) -> Launched:
+    """The delegate's ``start`` ended with ``output`` and ``rc``: pick the proxy's socket and
+    (unless ``record`` is false: the caller does it once containerd has the address)
+    :func:`record_started`."""
     if rc != 0:
         raise ShimError(f"delegate {d.binary} start failed (exit {rc}): {output}")
-    cfg, bundle = d.cfg, d.bundle
+    cfg = d.cfg
     delegate_address = output
     listen = proxy_socket(cfg, delegate_address)
     address = f"unix://{listen}"
-    record: dict[str, object] = {"delegate": cfg.delegate, "delegate_binary": d.binary,
-                                 "delegate_address": delegate_address, "address": address,
-                                 "ipu_address": cfg.address}
-    bundles.write_json(bundle / bundles.SHIM_RECORD, record)
+    shim_record: dict[str, object] = {
+        "delegate": cfg.delegate, "delegate_binary": d.binary,
+        "delegate_address": delegate_address, "address": address, "ipu_address": cfg.address}
     grouped = _serving(listen)
     if grouped:
         log.info("reusing the proxy of a grouped delegate", extra={"address": address})
     else:
         os.makedirs(cfg.socket_dir, mode=0o711, exist_ok=True)
-    (bundle / "address").write_text(address)
-    log.info("delegate started", extra={"address": address,
+    launched = Launched(address, listen, delegate_address, shim_record, None, grouped)
+    if record:
+        record_started(d, launched)
+    return launched
+
+
+def record_started(d: Delegate, launched: Launched) -> None:
+    """Write down, in the bundle, what the ``delete`` action needs after a dead shim (the
+    shim record) and the address the delegate's own cleanup removes (ours, not its own)."""
+    bundles.write_json(d.bundle / bundles.SHIM_RECORD, launched.record)
+    (d.bundle / "address").write_text(launched.address)
+    log.info("delegate started", extra={"address": launched.address,
                                         "delegate_seconds": round(time.monotonic() - d.t0, 6)})
-    return Launched(address, listen, delegate_address, record, None, grouped)
 
 
 def start(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options: bytes,
@@ -328,7 +338,8 @@ def serve_in_place(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options
             # delegate's address once that is known
             os.makedirs(plan.cfg.socket_dir, mode=0o711, exist_ok=True)
             listener = UnixListener(os.path.join(plan.cfg.socket_dir, f".{os.getpid()}.sock"))
-            launched = delegate_started(args, d, *await delegate_output_async(d))
+            launched = delegate_started(args, d, *await delegate_output_async(d),
+                                        record=False)
         except BaseException:
             if listener is not None:
                 listener.close()
@@ -336,16 +347,24 @@ def serve_in_place(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options
                 await early.release_async()
             raise
         await ipu.drop_kept()  # early's Prepare has taken its connection, if it had one
+
+        def ready() -> None:
+            report(launched.address)
+            try:  # containerd's Create need not wait for these files
+                record_started(d, launched)
+            except OSError as exc:
+                log.error("cannot record the delegate in the bundle: %s", exc)
+
         if launched.grouped:
             listener.close()
             if early is not None:
                 await early.release_async()
-            report(launched.address)
+            ready()
             return
         set_process_name(PROXY_NAME)
         await proxy.serve(d.cfg, launched.delegate_address, launched.listen, args.namespace,
-                          lambda: report(launched.address), cid=args.id, early=early,
-                          bundle=d.bundle, record=launched.record, listener=listener)
+                          ready, cid=args.id, early=early, bundle=d.bundle,
+                          record=launched.record, listener=listener)
 
     loop, _warm_loop = _warm_loop, None
     with asyncio.Runner(loop_factory=None if loop is None else lambda: loop) as runner:
