@@ -211,6 +211,10 @@ class ShimServer:
         while self._idle and time.monotonic() < deadline:
             time.sleep(0.01)
             self._reap()
+        # deletes the spares passed on and nobody ran yet still run
+        assert self._relay_r is not None
+        while _pending(self._relay_r):
+            self._run_relayed()
         for fd in (self._taken_r, self._taken_w, self._alive_r, self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -283,7 +287,7 @@ class ShimServer:
     def _run_relayed(self) -> None:
         """Run a ``delete`` a spare passed on, in a child of the server (reaped by
         :meth:`_reap`)."""
-        assert self._relay_r is not None and self._sock is not None
+        assert self._relay_r is not None
         try:
             _, request, fds = receive(self._relay_r, handoff.FDS + 1)
             conn = socket.socket(fileno=fds[0])
@@ -316,15 +320,16 @@ class ShimServer:
         self.children += 1
 
     def _leave_server(self) -> None:
-        """In a child of the server that serves one hand-off: drop the server's descriptors."""
-        assert self._sock is not None and self._relay_r is not None
-        assert self._relay_w is not None
+        """In a child of the server that serves one hand-off: drop the server's descriptors
+        (some are closed already when the server is stopping)."""
         for fd in (self._taken_r, self._taken_w, self._alive_r, self._alive_w, self._wake_r,
                    self._wake_w):
-            os.close(fd)
-        self._sock.close()
-        self._relay_r.close()
-        self._relay_w.close()
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        for sock in (self._sock, self._relay_r, self._relay_w):
+            if sock is not None:
+                sock.close()
 
     def _fork_spare(self) -> None:
         pid = os.fork()
@@ -427,7 +432,8 @@ class ShimServer:
 
 
 def _pending(sock: socket.socket) -> bool:
-    """Is a connection waiting to be accepted on the listening ``sock``?"""
+    """Is a connection waiting to be accepted on the listening ``sock`` (a message to be
+    read on a connected one)?"""
     readable, _, _ = select.select([sock.fileno()], [], [], 0)
     return bool(readable)
 
