@@ -290,19 +290,18 @@ class ShimServer:
         assert self._relay_r is not None
         try:
             _, request, fds = receive(self._relay_r, handoff.FDS + 1)
-            conn = socket.socket(fileno=fds[0])
         except (handoff.HandoffError, OSError) as exc:
             log.error("a delete passed on by a spare was lost: %s", exc)
             return
-        try:
-            peer = peer_of(conn)
-        except OSError as exc:
-            log.error("a delete passed on by a spare was lost: %s", exc)
-            conn.close()
-            for fd in fds[1:]:
-                os.close(fd)
+        got = _relayed_connection(fds)
+        if got is None:
             return
-        pid = os.fork()
+        conn, peer = got
+        try:
+            pid = os.fork()
+        except OSError as exc:  # out of processes: this delete fails, the server serves on
+            log.error("cannot fork for a delete: %s", exc)
+            pid = -1
         if pid == 0:
             rc = 1
             try:
@@ -317,7 +316,7 @@ class ShimServer:
         conn.close()
         for fd in fds[1:]:
             os.close(fd)
-        self.children += 1
+        self.children += pid > 0
 
     def _leave_server(self) -> None:
         """In a child of the server that serves one hand-off: drop the server's descriptors
@@ -429,6 +428,24 @@ class ShimServer:
             return None
         log.debug("hand-off", extra={"peer": peer.pid, "argv": request.argv})
         return data, request, fds, peer
+
+
+def _relayed_connection(fds: list[int]) -> tuple[socket.socket, Peer] | None:
+    """The launcher's connection (the first of ``fds``) and its peer, or None (logged, every
+    descriptor closed)."""
+    conn: socket.socket | None = None
+    try:
+        conn = socket.socket(fileno=fds[0])
+        return conn, peer_of(conn)
+    except OSError as exc:
+        log.error("a delete passed on by a spare was lost: %s", exc)
+        if conn is not None:
+            conn.close()
+        else:
+            os.close(fds[0])
+        for fd in fds[1:]:
+            os.close(fd)
+        return None
 
 
 def _pending(sock: socket.socket) -> bool:
