@@ -320,12 +320,11 @@ class ShimServer:
 
     def _leave_server(self) -> None:
         """In a child of the server that serves one hand-off: drop the server's descriptors
-        (some are closed already when the server is stopping)."""
+        (the alive pipe's write end and the socket are gone already when it is stopping)."""
         for fd in (self._taken_r, self._taken_w, self._alive_r, self._alive_w, self._wake_r,
                    self._wake_w):
             if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+                os.close(fd)
         for sock in (self._sock, self._relay_r, self._relay_w):
             if sock is not None:
                 sock.close()

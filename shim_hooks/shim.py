@@ -220,11 +220,9 @@ async def delegate_output_async(d: Delegate) -> tuple[str, int]:
     return b"".join(chunks).decode(errors="replace").strip(), rc
 
 
-def delegate_started(args: argparse.Namespace, d: Delegate, output: str, rc: int, *,
-                     record: bool = True) -> Launched:
-    """The delegate's ``start`` ended with ``output`` and ``rc``: pick the proxy's socket and
-    (unless ``record`` is false: the caller does it once containerd has the address)
-    :func:`record_started`."""
+def delegate_started(d: Delegate, output: str, rc: int) -> Launched:
+    """The delegate's ``start`` ended with ``output`` and ``rc``: pick the proxy's socket (the
+    caller records it, :func:`record_started`)."""
     if rc != 0:
         raise ShimError(f"delegate {d.binary} start failed (exit {rc}): {output}")
     cfg = d.cfg
@@ -237,12 +235,7 @@ def delegate_started(args: argparse.Namespace, d: Delegate, output: str, rc: int
     grouped = _serving(listen)
     if grouped:
         log.info("reusing the proxy of a grouped delegate", extra={"address": address})
-    else:
-        os.makedirs(cfg.socket_dir, mode=0o711, exist_ok=True)
-    launched = Launched(address, listen, delegate_address, shim_record, None, grouped)
-    if record:
-        record_started(d, launched)
-    return launched
+    return Launched(address, listen, delegate_address, shim_record, None, grouped)
 
 
 def record_started(d: Delegate, launched: Launched) -> None:
@@ -269,7 +262,10 @@ def start(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options: bytes,
     early: EarlyPrepare | None = None
     try:
         early = proxy.EarlyPrepare.run(d.cfg, args.namespace, args.id, d.bundle)
-        launched = delegate_started(args, d, *delegate_output(d))
+        launched = delegate_started(d, *delegate_output(d))
+        record_started(d, launched)
+        if not launched.grouped:  # where the proxy will listen
+            os.makedirs(d.cfg.socket_dir, mode=0o711, exist_ok=True)
     except BaseException:
         if early is not None:
             early.discard()
@@ -338,8 +334,7 @@ def serve_in_place(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options
             # delegate's address once that is known
             os.makedirs(plan.cfg.socket_dir, mode=0o711, exist_ok=True)
             listener = UnixListener(os.path.join(plan.cfg.socket_dir, f".{os.getpid()}.sock"))
-            launched = delegate_started(args, d, *await delegate_output_async(d),
-                                        record=False)
+            launched = delegate_started(d, *await delegate_output_async(d))
         except BaseException:
             if listener is not None:
                 listener.close()

@@ -8,7 +8,6 @@ real in tests/root/test_shim_containerd.py.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import subprocess
@@ -150,4 +149,4 @@ def test_the_delegates_start_is_read_on_the_loop_until_it_exits(tmp_path: Path) 
     (out, rc), _ = asyncio.run(run("head -c 200000 /dev/zero | tr '\\0' x; echo; exit 5"))
     assert (len(out), rc) == (200000, 5)
     with pytest.raises(shim.ShimError, match=r"start failed \(exit 5\)"):
-        shim.delegate_started(argparse.Namespace(), _delegate(tmp_path, "exit 5"), "boom", 5)
+        shim.delegate_started(_delegate(tmp_path, "exit 5"), "boom", 5)
