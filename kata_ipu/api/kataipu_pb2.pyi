@@ -58,7 +58,7 @@ class Platform(_message.Message):
     def __init__(self, os: _Optional[str] = ..., architecture: _Optional[str] = ..., variant: _Optional[str] = ...) -> None: ...
 
 class Image(_message.Message):
-    __slots__ = ("name", "digest", "config_digest", "platform", "size_bytes", "bases", "created_at", "clones")
+    __slots__ = ("name", "digest", "config_digest", "platform", "size_bytes", "bases", "created_at", "clones", "layers", "diff_ids")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     CONFIG_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,8 @@ class Image(_message.Message):
     BASES_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     CLONES_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    DIFF_IDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     digest: str
     config_digest: str
@@ -75,23 +77,27 @@ class Image(_message.Message):
     bases: _containers.RepeatedCompositeFieldContainer[BaseImage]
     created_at: _timestamp_pb2.Timestamp
     clones: int
-    def __init__(self, name: _Optional[str] = ..., digest: _Optional[str] = ..., config_digest: _Optional[str] = ..., platform: _Optional[_Union[Platform, _Mapping]] = ..., size_bytes: _Optional[int] = ..., bases: _Optional[_Iterable[_Union[BaseImage, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., clones: _Optional[int] = ...) -> None: ...
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    diff_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., digest: _Optional[str] = ..., config_digest: _Optional[str] = ..., platform: _Optional[_Union[Platform, _Mapping]] = ..., size_bytes: _Optional[int] = ..., bases: _Optional[_Iterable[_Union[BaseImage, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., clones: _Optional[int] = ..., layers: _Optional[_Iterable[str]] = ..., diff_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BaseImage(_message.Message):
-    __slots__ = ("id", "fstype", "size_bytes", "allocated_bytes", "built_at", "build_seconds")
+    __slots__ = ("id", "fstype", "size_bytes", "allocated_bytes", "built_at", "build_seconds", "layers")
     ID_FIELD_NUMBER: _ClassVar[int]
     FSTYPE_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
     BUILT_AT_FIELD_NUMBER: _ClassVar[int]
     BUILD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
     id: str
     fstype: FsType
     size_bytes: int
     allocated_bytes: int
     built_at: _timestamp_pb2.Timestamp
     build_seconds: float
-    def __init__(self, id: _Optional[str] = ..., fstype: _Optional[_Union[FsType, str]] = ..., size_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., built_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., build_seconds: _Optional[float] = ...) -> None: ...
+    layers: int
+    def __init__(self, id: _Optional[str] = ..., fstype: _Optional[_Union[FsType, str]] = ..., size_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., built_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., build_seconds: _Optional[float] = ..., layers: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("image", "platform", "fstype", "skip_build")
@@ -210,14 +216,16 @@ class Device(_message.Message):
     def __init__(self, kind: _Optional[_Union[ExportKind, str]] = ..., path: _Optional[str] = ..., major: _Optional[int] = ..., minor: _Optional[int] = ..., fstype: _Optional[_Union[FsType, str]] = ..., read_only: _Optional[bool] = ..., serial: _Optional[str] = ..., vhost_socket: _Optional[str] = ..., pci_address: _Optional[str] = ..., size_bytes: _Optional[int] = ..., nbd_uri: _Optional[str] = ..., mount_options: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PrepareOptions(_message.Message):
-    __slots__ = ("fstype", "read_only", "size_bytes")
+    __slots__ = ("fstype", "read_only", "size_bytes", "layers")
     FSTYPE_FIELD_NUMBER: _ClassVar[int]
     READ_ONLY_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
     fstype: FsType
     read_only: bool
     size_bytes: int
-    def __init__(self, fstype: _Optional[_Union[FsType, str]] = ..., read_only: _Optional[bool] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    layers: int
+    def __init__(self, fstype: _Optional[_Union[FsType, str]] = ..., read_only: _Optional[bool] = ..., size_bytes: _Optional[int] = ..., layers: _Optional[int] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
     __slots__ = ("container_id", "image", "export", "options", "platform", "annotations")

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("image")
     c.add_argument("--export", choices=sorted(EXPORTS), default="host-block")
     c.add_argument("--fstype", choices=sorted(FSTYPES), default=None)
+    c.add_argument("--layers", type=int, default=0,
+                   help="clone the base of the image's first N layers only (default: all)")
     c.add_argument("--json", action="store_true")
 
     c = sub.add_parser("release", help="release a container rootfs")
@@ -186,7 +188,8 @@ class Cli:
             return 0
         print(f"{'NAME':<48} {'DIGEST':<19} {'SIZE':>9} {'BASES':<12} CLONES", file=self.out)
         for i in resp.images:
-            bases = ",".join(pb.FsType.Name(b.fstype).lower() for b in i.bases) or "-"
+            bases = ",".join(pb.FsType.Name(b.fstype).lower()
+                             + (f"[:{b.layers}]" if b.layers else "") for b in i.bases) or "-"
             print(f"{i.name:<48} {i.digest[:19]:<19} {i.size_bytes >> 20:>6} MiB "
                   f"{bases:<12} {i.clones}", file=self.out)
         return 0
@@ -202,7 +205,8 @@ class Cli:
         a = self.args
         req = pb.PrepareRequest(
             container_id=a.container_id, image=a.image, export=EXPORTS[a.export],
-            options=pb.PrepareOptions(fstype=FSTYPES.get(a.fstype or "", pb.FS_UNSPECIFIED)))
+            options=pb.PrepareOptions(fstype=FSTYPES.get(a.fstype or "", pb.FS_UNSPECIFIED),
+                                      layers=a.layers))
         resp: pb.PrepareResponse = await self.call(client, api.ROOTFS_SERVICE, "Prepare", req,
                                                    pb.PrepareResponse)
         dev = device_json(resp.rootfs)

@@ -118,9 +118,12 @@ def _out_of_space(exc: BaseException) -> bool:
     return False
 
 
-def base_id_for(digest: str, fstype: str) -> str:
-    """One base per (manifest digest, filesystem): ``<hex[:32]>-<fstype>``."""
-    return f"{digest.partition(':')[2][:32]}-{fstype}"
+def base_id_for(digest: str, fstype: str, layers: int = 0) -> str:
+    """One base per (manifest digest, filesystem): ``<hex[:32]>-<fstype>``; a base of the
+    image's first ``layers`` layers only (a lower snapshot of containerd's chain) is
+    ``<hex[:32]>-<fstype>-l<layers>``."""
+    base = f"{digest.partition(':')[2][:32]}-{fstype}"
+    return f"{base}-l{layers}" if layers else base
 
 
 @dataclass(frozen=True)
@@ -240,10 +243,37 @@ class Engine:
         starting the build while the layers still download (see :mod:`.pipeline`)."""
         ref = self._reference(image)
         fs = self._fstype(fstype) if build else None
-        record = await self._pull_once(ref, platform, fs)
+        known = await self._pinned(ref)
+        if known is not None:
+            # a digest names immutable content: what is recorded needs no registry
+            record = known
+        else:
+            record = await self._pull_once(ref, platform, fs)
         if fs is not None:
             await self._ensure_base(record.digest, fs, str(ref))
         return record
+
+    async def _pinned(self, ref: Reference) -> ImageRecord | None:
+        """The recorded image of a digest reference, if it is recorded under that name."""
+        if ref.digest is None:
+            return None
+        named = await self.state.get_image(str(ref))
+        if named is not None:
+            return named
+        same = await self.state.get_image(ref.digest)  # the same manifest under another name
+        if same is None:
+            return None
+        await self.state.put_image(same, str(ref))
+        return await self.state.get_image(same.digest)
+
+    def image_layers(self, digest: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(compressed layer digests, diff_ids) of a pulled image, lowest layer first."""
+        manifest = self.store.read_manifest(digest)
+        config = self.store.read_config(manifest)
+        return tuple(layer.digest for layer in manifest.layers), tuple(config.diff_ids)
+
+    def _layer_count(self, digest: str) -> int:
+        return len(self.store.read_manifest(digest).layers)
 
     async def _pull_once(self, ref: Reference, platform: str,
                          build_fs: str | None) -> ImageRecord:
@@ -306,34 +336,37 @@ class Engine:
         assert got is not None
         return got
 
-    async def _ensure_base(self, digest: str, fstype: str, name: str) -> BaseRecord:
-        base_id = base_id_for(digest, fstype)
+    async def _ensure_base(self, digest: str, fstype: str, name: str,
+                           layers: int = 0) -> BaseRecord:
+        base_id = base_id_for(digest, fstype, layers)
         rec = await self.state.get_base(base_id)
         if rec is not None and rec.state is BaseState.READY:
             return rec
         try:
-            return await self._once(("build", base_id),
-                                    lambda: self._build(digest, fstype, base_id, name))
+            return await self._once(("build", base_id), lambda: self._build(
+                digest, fstype, base_id, name, layers=layers))
         except IngestRestarted:
             # We joined a streaming build whose download started over (its bytes can no
             # longer be trusted); the pull finished, so build once more from the store.
             log.info("streaming build lost its source; building from the store",
                      extra={"base": base_id})
-            return await self._once(("build", base_id),
-                                    lambda: self._build(digest, fstype, base_id, name))
+            return await self._once(("build", base_id), lambda: self._build(
+                digest, fstype, base_id, name, layers=layers))
 
     async def _build(self, digest: str, fstype: str, base_id: str, name: str, *,
-                     source: ImageSource | None = None,
-                     gate: PullGate | None = None) -> BaseRecord:
-        """Build and import the base. By default from the content store; a streaming build
-        reads ``source`` while the pull runs and imports only after ``gate`` opens."""
+                     source: ImageSource | None = None, gate: PullGate | None = None,
+                     layers: int = 0) -> BaseRecord:
+        """Build and import the base (of the first ``layers`` layers only, if not 0). By
+        default from the content store; a streaming build reads ``source`` while the pull
+        runs and imports only after ``gate`` opens."""
         if gate is not None:
             rec = await self.state.get_base(base_id)
             if rec is not None and rec.state is BaseState.READY:
                 return rec
         key = f"build:{base_id}"
         self._status[key] = PullStatus(name, digest, "building", None, time.time())
-        await self.state.put_base(BaseRecord(base_id, digest, fstype, BaseState.BUILDING))
+        await self.state.put_base(BaseRecord(base_id, digest, fstype, BaseState.BUILDING,
+                                             layers=layers))
         self.build_dir.mkdir(parents=True, exist_ok=True)
         out = self.build_dir / f"{base_id}.img"
         rc = self.config.rootfs
@@ -345,7 +378,7 @@ class Engine:
         start = time.monotonic()
         try:
             with bind(image=name, digest=digest):
-                result = await builder.abuild(digest, out)
+                result = await builder.abuild(digest, out, layers=layers)
                 if gate is not None:
                     await gate.wait()  # every blob verified and committed by the pull
                 built = time.monotonic()
@@ -353,7 +386,8 @@ class Engine:
                 # The base is named by what it was built from, so importing it does not have
                 # to hash the whole image (a rebuild under this id only follows a rollback).
                 base = await asyncio.to_thread(self.target.import_base, result.image, base_id,
-                                               content_id=f"build:{digest}:{fstype}")
+                                               content_id=f"build:{digest}:{fstype}"
+                                               + (f":{layers}" if layers else ""))
         except BaseException as exc:
             self.metrics.builds.labels("error").inc()
             await self.state.delete_base(base_id)
@@ -368,10 +402,10 @@ class Engine:
                 leftover.unlink(missing_ok=True)
         seconds = time.monotonic() - start
         rec = BaseRecord(base_id, digest, fstype, BaseState.READY, base.size, time.time(),
-                         seconds)
+                         seconds, layers)
         await self.state.put_base(rec)
         self.metrics.builds.labels("ok").inc()
-        log.info("base built", extra={"digest": digest, "base": base_id,
+        log.info("base built", extra={"digest": digest, "base": base_id, "layers": layers,
                                       "seconds": round(seconds, 3),
                                       "build_seconds": round(built - start, 3),
                                       "import_seconds": round(time.monotonic() - built, 3),
@@ -440,31 +474,43 @@ class Engine:
     # ------------------------------------------------------------------ rootfs
     async def prepare(self, container_id: str, image: str, *, export: ExportKind,
                       fstype: str | None = None, platform: str = "",
-                      annotations: dict[str, str] | None = None) -> Prepared:
+                      annotations: dict[str, str] | None = None, layers: int = 0) -> Prepared:
+        """``layers``: clone the base of the image's first N layers only (0: all of them)."""
         check_container_id(container_id)
         ref = self._reference(image)
         fs = self._fstype(fstype)
+        if layers < 0:
+            raise InvalidArgument(f"layers {layers} is negative")
         with bind(container_id=container_id, image=str(ref)):
             async with self._locked(container_id):
                 view = await self.state.prepare_view(container_id, str(ref),
                                                      lambda digest: base_id_for(digest, fs))
-                if view.volume is not None:
-                    return await self._existing(view.volume, ref, export)
                 cold = False
                 t0 = time.monotonic()
                 timings: dict[str, float] = {}
                 img, base = view.image, view.base
-                if img is None:
+                if img is None and view.volume is None:
                     cold = True
                     # Starts the base's build while the layers download; the base check
                     # below joins that build.
                     img = await self._pull_once(ref, platform, fs)
                     timings["pull_seconds"] = round(time.monotonic() - t0, 3)
                     base = await self.state.get_base(base_id_for(img.digest, fs))
+                if layers and img is not None:
+                    count = await asyncio.to_thread(self._layer_count, img.digest)
+                    if layers > count:
+                        raise InvalidArgument(f"image {ref} has {count} layers, not {layers}")
+                    if layers < count:
+                        base = await self.state.get_base(base_id_for(img.digest, fs, layers))
+                    else:
+                        layers = 0  # all of them: the image's own base
+                if view.volume is not None:
+                    return await self._existing(view.volume, ref, export, layers)
+                assert img is not None
                 if base is None or base.state is not BaseState.READY:
                     cold = True
                     t1 = time.monotonic()
-                    base = await self._ensure_base(img.digest, fs, str(ref))
+                    base = await self._ensure_base(img.digest, fs, str(ref), layers)
                     timings["base_seconds"] = round(time.monotonic() - t1, 3)
                 t2 = time.monotonic()
                 spare = self.warm.take(base.id, export)
@@ -502,13 +548,17 @@ class Engine:
                                                    "spare": spare is not None, **timings})
                 return Prepared(vol, cold)
 
-    async def _existing(self, vol: VolumeRecord, ref: Reference,
-                        export: ExportKind) -> Prepared:
+    async def _existing(self, vol: VolumeRecord, ref: Reference, export: ExportKind,
+                        layers: int) -> Prepared:
         if vol.image != str(ref):
             img = await self.state.get_image(str(ref))
             if img is None or img.digest != vol.digest:
                 raise AlreadyExists(f"container {vol.container_id!r} is already prepared "
                                     f"with image {vol.image!r}")
+        held = re.search(r"-l(\d+)$", vol.base_id)
+        if (int(held.group(1)) if held else 0) != layers:
+            raise AlreadyExists(f"container {vol.container_id!r} is already prepared from "
+                                f"another base ({vol.base_id}) of image {vol.image!r}")
         if vol.state is not VolumeState.READY:
             raise FailedPrecondition(f"container {vol.container_id!r} is {vol.state.value}")
         if vol.export_kind != export.name:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -24,12 +25,14 @@ from kata_ipu.block import ExportKind
 from kata_ipu.daemon.checks import run_checks
 from kata_ipu.daemon.engine import Engine, Prepared
 from kata_ipu.daemon.state import BaseRecord, ImageRecord, VolumeRecord
-from kata_ipu.errors import FailedPrecondition, Unauthenticated
+from kata_ipu.errors import FailedPrecondition, KataIpuError, Unauthenticated
 from kata_ipu.ttrpc import CallContext, Server, unary
 
 Req = TypeVar("Req")
 
 TOKEN_KEY = "authorization"
+
+log = logging.getLogger("kata_ipu.daemon")
 
 _EXPORTS = {
     pb.EXPORT_UNSPECIFIED: ExportKind.HOST_BLOCK,
@@ -60,7 +63,8 @@ def _platform_text(p: pb.Platform) -> str:
     return "/".join(x for x in (p.os or "linux", p.architecture, p.variant) if x)
 
 
-def image_message(img: ImageRecord, bases: list[BaseRecord], clones: int) -> pb.Image:
+def image_message(img: ImageRecord, bases: list[BaseRecord], clones: int,
+                  layers: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())) -> pb.Image:
     os_, _, rest = img.platform.partition("/")
     arch, _, variant = rest.partition("/")
     return pb.Image(
@@ -70,8 +74,9 @@ def image_message(img: ImageRecord, bases: list[BaseRecord], clones: int) -> pb.
         size_bytes=img.size_bytes,
         bases=[pb.BaseImage(id=b.id, fstype=_FS_TO_PB.get(b.fstype, pb.FS_UNSPECIFIED),
                             size_bytes=b.size_bytes, built_at=_ts(b.built_at),
-                            build_seconds=b.build_seconds) for b in bases],
-        created_at=_ts(img.created_at), clones=clones)
+                            build_seconds=b.build_seconds, layers=b.layers) for b in bases],
+        created_at=_ts(img.created_at), clones=clones, layers=layers[0],
+        diff_ids=layers[1])
 
 
 def rootfs_message(vol: VolumeRecord, fstype: str) -> pb.Rootfs:
@@ -130,12 +135,21 @@ class IpuServices:
     async def pull(self, ctx: CallContext, req: pb.PullRequest) -> pb.PullResponse:
         img = await self.engine.pull(req.image, platform=_platform_text(req.platform),
                                      fstype=_FS[req.fstype], build=not req.skip_build)
-        return pb.PullResponse(image=image_message(*await self.engine.describe_image(img)))
+        return pb.PullResponse(image=image_message(*await self.engine.describe_image(img),
+                                                   await self._layers(img.digest)))
+
+    async def _layers(self, digest: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        try:
+            return await asyncio.to_thread(self.engine.image_layers, digest)
+        except (KataIpuError, OSError) as exc:  # a listing shows what it can
+            log.warning("layers of image %s unreadable: %s", digest, exc)
+            return (), ()
 
     async def list_images(self, ctx: CallContext, req: pb.ListImagesRequest
                           ) -> pb.ListImagesResponse:
         return pb.ListImagesResponse(images=[
-            image_message(i, b, c) for i, b, c in await self.engine.list_images(req.filter)])
+            image_message(i, b, c, await self._layers(i.digest))
+            for i, b, c in await self.engine.list_images(req.filter)])
 
     async def remove_image(self, ctx: CallContext, req: pb.RemoveImageRequest
                            ) -> pb.RemoveImageResponse:
@@ -171,7 +185,8 @@ class IpuServices:
         try:
             result: Prepared = await self.engine.prepare(
                 req.container_id, req.image, export=_EXPORTS[req.export], fstype=fstype,
-                platform=_platform_text(req.platform), annotations=dict(req.annotations))
+                platform=_platform_text(req.platform), annotations=dict(req.annotations),
+                layers=req.options.layers)
         except Exception:
             self.engine.metrics.prepare_seconds.labels("error", "unknown").observe(
                 time.monotonic() - start)

@@ -4,7 +4,8 @@ Lifecycle of the rows (the daemon's source of truth for *intent*; recovery compa
 what really exists — pool files, loop devices, qemu-storage-daemon nodes)::
 
     image   pulled manifest (digest) + the names that point at it
-    base    BUILDING ──build ok──▶ READY ──remove──▶ (deleted)
+    base    (of one image's first ``layers`` layers; 0: all of them)
+            BUILDING ──build ok──▶ READY ──remove──▶ (deleted)
                └──────crash / error──▶ (deleted by recovery, with its partial file)
     volume  CREATING ──clone+export ok──▶ READY ──Release──▶ RELEASING ──▶ (deleted)
     lease   a named hold on a blob digest or base id (GC skips anything leased)
@@ -31,7 +32,7 @@ from kata_ipu.errors import Internal
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -52,7 +53,8 @@ CREATE TABLE IF NOT EXISTS bases (
     state TEXT NOT NULL,
     size_bytes INTEGER NOT NULL DEFAULT 0,
     built_at REAL NOT NULL DEFAULT 0,
-    build_seconds REAL NOT NULL DEFAULT 0
+    build_seconds REAL NOT NULL DEFAULT 0,
+    layers INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS volumes (
     container_id TEXT PRIMARY KEY,
@@ -74,6 +76,13 @@ CREATE TABLE IF NOT EXISTS leases (
 );
 CREATE INDEX IF NOT EXISTS volumes_by_base ON volumes(base_id);
 """
+
+# Each step takes the schema from version N (its index + 1) to N + 1; CREATE TABLE IF NOT
+# EXISTS above does not change tables that already exist.
+_MIGRATIONS = (
+    # 1 -> 2: bases of an image's first N layers (a containerd chain below the image's top)
+    "ALTER TABLE bases ADD COLUMN layers INTEGER NOT NULL DEFAULT 0",
+)
 
 
 class BaseState(enum.StrEnum):
@@ -106,6 +115,7 @@ class BaseRecord:
     size_bytes: int = 0
     built_at: float = 0.0
     build_seconds: float = 0.0
+    layers: int = 0  # the image's first N layers only; 0: all of them
 
 
 @dataclass(frozen=True)
@@ -157,6 +167,9 @@ class StateStore:
         if version > SCHEMA_VERSION:
             raise Internal(f"{self.path}: state schema {version} is newer than this daemon "
                            f"({SCHEMA_VERSION}); refusing to touch it")
+        if version:
+            for step in _MIGRATIONS[version - 1:]:
+                db.execute(step)
         db.executescript(_SCHEMA)
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._db = db
@@ -217,11 +230,11 @@ class StateStore:
         def tx(db: sqlite3.Connection) -> None:
             db.execute(
                 "INSERT INTO bases(id, digest, fstype, state, size_bytes, built_at, "
-                "build_seconds) VALUES (?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
-                "state=excluded.state, size_bytes=excluded.size_bytes, "
+                "build_seconds, layers) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE "
+                "SET state=excluded.state, size_bytes=excluded.size_bytes, "
                 "built_at=excluded.built_at, build_seconds=excluded.build_seconds",
                 (record.id, record.digest, record.fstype, record.state.value,
-                 record.size_bytes, record.built_at, record.build_seconds))
+                 record.size_bytes, record.built_at, record.build_seconds, record.layers))
         await self._call(self._tx(tx))
 
     async def get_base(self, base_id: str) -> BaseRecord | None:
@@ -305,7 +318,7 @@ class StateStore:
             r[0] for r in db.execute("SELECT DISTINCT target FROM leases")}))
 
 
-_BASE_COLS = "id, digest, fstype, state, size_bytes, built_at, build_seconds"
+_BASE_COLS = "id, digest, fstype, state, size_bytes, built_at, build_seconds, layers"
 _VOL_COLS = ("container_id, volume_id, base_id, image, digest, state, export_kind, device, "
              "annotations, created_at")
 
@@ -339,7 +352,7 @@ def _image(db: sqlite3.Connection, digest: str) -> ImageRecord | None:
 
 def _base(row: tuple[Any, ...]) -> BaseRecord:
     return BaseRecord(str(row[0]), str(row[1]), str(row[2]), BaseState(str(row[3])),
-                      int(row[4]), float(row[5]), float(row[6]))
+                      int(row[4]), float(row[5]), float(row[6]), int(row[7]))
 
 
 def _volume(row: tuple[Any, ...]) -> VolumeRecord:

@@ -20,6 +20,7 @@ On any error or cancellation (``threading.Event`` or asyncio task cancellation) 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as _dt
 import errno
 import json
@@ -127,7 +128,10 @@ class RootfsBuilder:
             return c.size.max_size
 
     def build(self, manifest_digest: str, out: str | os.PathLike[str], *,
-              cancel: threading.Event | None = None) -> BuildResult:
+              cancel: threading.Event | None = None, layers: int = 0) -> BuildResult:
+        """Build the image, or with ``layers`` > 0 only its first ``layers`` layers (the
+        filesystem of a lower snapshot in a chain, e.g. containerd's for a shorter image
+        that shares them)."""
         out = Path(out)
         start = time.monotonic()
         cpu0 = time.process_time()
@@ -137,6 +141,13 @@ class RootfsBuilder:
             raise InvalidArgument(
                 f"image {manifest_digest}: {len(manifest.layers)} layers but "
                 f"{len(config.diff_ids)} diff_ids")
+        if not 0 <= layers <= len(manifest.layers):
+            raise InvalidArgument(f"image {manifest_digest} has {len(manifest.layers)} layers, "
+                                  f"not {layers}")
+        diff_ids = config.diff_ids
+        if layers:
+            manifest = dataclasses.replace(manifest, layers=manifest.layers[:layers])
+            diff_ids = diff_ids[:layers]
         partial = out.with_name(f".{out.name}.partial-{os.getpid()}-{threading.get_ident()}")
         for attempt in (1, 2):
             writer = self._writer(partial, manifest_digest, manifest, retry=attempt == 2)
@@ -146,7 +157,7 @@ class RootfsBuilder:
                                                    "attempt": attempt})
             try:
                 root = writer.open()
-                layers = self._apply_all(root, manifest, config.diff_ids, cancel,
+                applied = self._apply_all(root, manifest, diff_ids, cancel,
                                          getattr(writer, "reserve", None))
                 if cancel is not None and cancel.is_set():
                     raise BuildCancelled()
@@ -174,7 +185,7 @@ class RootfsBuilder:
             "schema": RECORD_SCHEMA,
             "image_digest": manifest_digest,
             "config_digest": manifest.config.digest,
-            "layers": layers,
+            "layers": applied,
             "fs_type": info.fs_type,
             "strategy": info.strategy,
             "size_bytes": info.size_bytes,
@@ -183,7 +194,7 @@ class RootfsBuilder:
                 "inodes": info.tree.inodes, "data_bytes": info.tree.data_bytes,
                 "block_bytes": info.tree.block_bytes},
             "fsck": info.fsck,
-            "stages": {"apply": round(sum(layer["seconds"] for layer in layers), 3),
+            "stages": {"apply": round(sum(layer["seconds"] for layer in applied), 3),
                        **info.stages},
             "build_seconds": round(time.monotonic() - start, 3),
             "build_cpu_seconds": round(time.process_time() - cpu0, 3),
@@ -197,12 +208,13 @@ class RootfsBuilder:
                                               "seconds": record["build_seconds"]})
         return BuildResult(out, rec_path, record)
 
-    async def abuild(self, manifest_digest: str, out: str | os.PathLike[str]) -> BuildResult:
+    async def abuild(self, manifest_digest: str, out: str | os.PathLike[str], *,
+                     layers: int = 0) -> BuildResult:
         """asyncio wrapper: runs in a worker thread; cancelling the task stops the build at the
         next tar entry and waits for its cleanup before re-raising."""
         cancel = threading.Event()
         fut = asyncio.get_running_loop().run_in_executor(
-            None, lambda: self.build(manifest_digest, out, cancel=cancel))
+            None, lambda: self.build(manifest_digest, out, cancel=cancel, layers=layers))
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:

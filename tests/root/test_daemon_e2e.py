@@ -256,3 +256,65 @@ def test_bases_without_clones_are_evicted_above_the_high_water_mark(
         assert bases == {v1: 1, v2: 1}
     finally:
         d.teardown()
+
+
+def test_a_base_of_the_first_layers_and_a_pinned_pull_without_the_registry(
+        daemon: IpuDaemon, tmp_path: Path) -> None:
+    """What containerd's chain needs from the IPU: Pull tells the layers and diff_ids (the
+    chain ids), a digest reference the IPU holds needs no registry, and Prepare can clone a
+    base of the image's first N layers (a lower snapshot another image ends at)."""
+    motd = LayerBuilder().file("etc/motd", b"top layer\n").build()
+    with busybox_registry(tmp_path / "reg", "layers/busybox", {"v1": [motd]}) as reg:
+        tagged = f"{reg.address}/layers/busybox:v1"
+        pulled = asyncio.run(_call(daemon, api.IMAGE_SERVICE, "Pull",
+                                   pb.PullRequest(image=tagged), pb.PullResponse))
+        assert isinstance(pulled, pb.PullResponse)
+        img = pulled.image
+        manifest = json.loads(subprocess.run(
+            ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{tagged}"],
+            capture_output=True, check=True, text=True).stdout)
+        config = json.loads(subprocess.run(
+            ["skopeo", "inspect", "--config", "--raw", "--tls-verify=false",
+             f"docker://{tagged}"], capture_output=True, check=True, text=True).stdout)
+        assert list(img.layers) == [layer["digest"] for layer in manifest["layers"]]
+        assert list(img.diff_ids) == config["rootfs"]["diff_ids"] and len(img.diff_ids) == 2
+    pinned = f"{reg.address}/layers/busybox@{img.digest}"  # the registry is gone now
+    again = asyncio.run(_call(daemon, api.IMAGE_SERVICE, "Pull", pb.PullRequest(image=pinned),
+                              pb.PullResponse))
+    assert isinstance(again, pb.PullResponse) and again.image.digest == img.digest
+
+    def prepare(cid: str, layers: int) -> pb.PrepareResponse:
+        resp = asyncio.run(_call(daemon, api.ROOTFS_SERVICE, "Prepare", pb.PrepareRequest(
+            container_id=cid, image=pinned, options=pb.PrepareOptions(layers=layers)),
+            pb.PrepareResponse))
+        assert isinstance(resp, pb.PrepareResponse)
+        return resp
+
+    lower, whole = prepare("lower", 1), prepare("whole", 2)
+    assert lower.cold and not whole.cold  # the first layer's base is built on first use
+    seen = {}
+    for name, resp in (("lower", lower), ("whole", whole)):
+        mnt = tmp_path / f"mnt-{name}"
+        mnt.mkdir()
+        subprocess.run(["mount", "-o", "ro", resp.rootfs.device.path, str(mnt)], check=True)
+        try:
+            seen[name] = ((mnt / "etc/motd").exists(), (mnt / "bin/busybox").exists())
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+    assert seen == {"lower": (False, True), "whole": (True, True)}
+    images = json.loads(daemon.cli("images", "--json").stdout)
+    (listed,) = [i for i in images if i["digest"] == img.digest]
+    assert sorted(b.get("layers", 0) for b in listed["bases"]) == [0, 1]
+    assert prepare("lower", 1).rootfs.device.path == lower.rootfs.device.path  # idempotent
+    with pytest.raises(errors.AlreadyExists, match="another base"):
+        prepare("lower", 0)
+    with pytest.raises(errors.InvalidArgument, match="has 2 layers, not 3"):
+        prepare("too-many", 3)
+    bases = daemon.root / "block" / "data" / "bases"
+    assert len(list(bases.glob(f"{img.digest[7:39]}*.img"))) == 2
+    for cid in ("lower", "whole"):
+        daemon.cli("release", cid)
+    daemon.cli("rmi", pinned)  # both bases go with the image
+    assert [i for i in json.loads(daemon.cli("images", "--json").stdout)
+            if i["digest"] == img.digest] == []
+    assert not list(bases.glob(f"{img.digest[7:39]}*"))

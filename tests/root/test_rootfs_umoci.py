@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from kata_ipu.errors import InvalidArgument
 from kata_ipu.rootfs.builder import BuildConfig, RootfsBuilder
 from kata_ipu.rootfs.mount import mounted
 from kata_ipu.rootfs.oci import OciLayoutSource
@@ -203,4 +204,28 @@ def test_loop_strategy_sizes_its_first_format_from_the_gzip_size_hint(
     first = result.record["first_size_bytes"]
     assert final <= first < final * 1.25
     subprocess.run(["e2fsck", "-fn", str(out)], check=True, capture_output=True)
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_the_first_layers_of_an_image_match_umoci_on_an_image_of_just_those(
+        images: dict[str, Image], tmp_path: Path, layers: int) -> None:
+    """A base of an image's first N layers (what a lower snapshot of containerd's chain
+    holds) is exactly what umoci unpacks from an image made of those N layers alone."""
+    zoo = images["zoo"]
+    layout = OciLayout(tmp_path / "oci")
+    layout.add_image(zoo_layers()[:layers], ref="prefix")
+    reference = _umoci_tree(layout.path, "prefix", tmp_path)
+    out = tmp_path / "prefix.ext4"
+    result = RootfsBuilder(OciLayoutSource(zoo.layout)).build(zoo.digest, out, layers=layers)
+    assert len(result.record["layers"]) == layers
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with mounted(out, mnt, fstype="ext4"):
+        tree = treecmp.snapshot(mnt, ignore=("lost+found",))
+    problems = treecmp.diff(reference, tree, skip_root_meta=True)
+    assert problems == [], "\n".join(problems[:40])
+    assert treecmp.diff(zoo.reference, tree, skip_root_meta=True) != []  # not the whole zoo
+    with pytest.raises(InvalidArgument, match="has 3 layers, not 4"):
+        RootfsBuilder(OciLayoutSource(zoo.layout)).build(zoo.digest, tmp_path / "x", layers=4)
     assert leftovers(tmp_path) == []

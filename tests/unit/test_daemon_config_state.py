@@ -154,6 +154,25 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
         await StateStore.open(db)
 
 
+async def test_a_version_1_state_is_migrated_and_keeps_its_bases(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    old = sqlite3.connect(db)
+    old.executescript("""
+        CREATE TABLE bases (id TEXT PRIMARY KEY, digest TEXT NOT NULL, fstype TEXT NOT NULL,
+            state TEXT NOT NULL, size_bytes INTEGER NOT NULL DEFAULT 0,
+            built_at REAL NOT NULL DEFAULT 0, build_seconds REAL NOT NULL DEFAULT 0);
+        INSERT INTO bases VALUES ('b1', 'sha256:aa', 'ext4', 'ready', 4096, 1.0, 2.0);
+        PRAGMA user_version=1;""")
+    old.close()
+    store = await StateStore.open(db)
+    assert await store.get_base("b1") == BaseRecord("b1", "sha256:aa", "ext4", BaseState.READY,
+                                                    4096, 1.0, 2.0, 0)
+    await store.put_base(BaseRecord("b2", "sha256:aa", "ext4", BaseState.READY, layers=3))
+    assert [b.layers for b in await store.list_bases("sha256:aa")] == [0, 3]
+    await store.close()
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == 2
+
+
 def test_sd_notify_sends_ready(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
