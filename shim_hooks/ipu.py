@@ -1,9 +1,12 @@
-"""Talking to kata-ipud (``kataipu.v1.RootfsService``) from the host front doors.
+"""Talking to kata-ipud (``kataipu.v1``) from the host side: the shim proxy, kata-ipu-runtime
+and the ipu snapshotter.
 
 :func:`prepare` returns the exported clone as a :class:`Prepared` device; :func:`release` is
-idempotent. Failures keep their gRPC class (``NotFound``, ``ResourceExhausted``...) and get a
-message that says what the IPU was asked and why it refused; an unreachable daemon is
-:class:`IpuUnreachable` (``Unavailable``).
+idempotent; :func:`pull` (the snapshotter's) returns the image's identity and layers as a
+:class:`Pulled`; :func:`remove_image` drops an image the host no longer uses. Failures keep
+their gRPC class (``NotFound``, ``ResourceExhausted``...) and get a message that says what
+the IPU was asked and why it refused; an unreachable daemon is :class:`IpuUnreachable`
+(``Unavailable``).
 """
 
 from __future__ import annotations
@@ -107,9 +110,12 @@ async def _call_prepare(client: Client, req: pb.PrepareRequest, timeout: float, 
 
 
 async def prepare(address: str, key: str, image: str, export: str,
-                  annotations: dict[str, str], timeout: float) -> Prepared:
+                  annotations: dict[str, str], timeout: float, *, layers: int = 0,
+                  read_only: bool = False) -> Prepared:
+    """A clone of ``image``'s base (of its first ``layers`` layers if not 0) for ``key``.
+    ``read_only``: the caller mounts it read-only (the clone is still a private one)."""
     req = pb.PrepareRequest(container_id=key, image=image, export=EXPORT_KINDS[export],
-                            annotations=annotations)
+                            annotations=annotations, options=pb.PrepareOptions(layers=layers))
     resp = None
     if (kept := _kept.pop(address, None)) is not None and not kept.closed:
         resp = await _call_prepare(kept, req, timeout, kept=True)
@@ -122,7 +128,7 @@ async def prepare(address: str, key: str, image: str, export: str,
         key=key, image=image, image_digest=resp.rootfs.image_digest,
         volume_id=resp.rootfs.volume_id, path=dev.path, major=dev.major, minor=dev.minor,
         fstype=pb.FsType.Name(dev.fstype).lower() if dev.fstype else "ext4",
-        options=tuple(dev.mount_options) + (("ro",) if dev.read_only else ()),
+        options=tuple(dev.mount_options) + (("ro",) if dev.read_only or read_only else ()),
         cold=resp.cold)
     if not prepared.path.startswith("/dev/"):
         # Kata detects a block rootfs only for a node under /dev (notes/kata.md §1).
@@ -141,3 +147,39 @@ async def release(address: str, key: str, timeout: float = 60.0) -> None:
                                       pb.ReleaseResponse, timeout=timeout)
         except KataIpuError as exc:
             raise _refused(f"Release of {key}", exc) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Pulled:
+    """An image the IPU holds, with what containerd's chain ids are computed from."""
+
+    image: str  # as asked for
+    digest: str  # the IPU's manifest digest (OCI form)
+    layers: tuple[str, ...]  # layer digests, lowest first
+    diff_ids: tuple[str, ...]
+
+
+async def pull(address: str, image: str, timeout: float) -> Pulled:
+    """Have the IPU pull ``image`` and build its base; returns when the base is ready."""
+    client = await _connect(address)
+    async with client:
+        try:
+            resp = await client.call_message(api.IMAGE_SERVICE, "Pull",
+                                             pb.PullRequest(image=image), pb.PullResponse,
+                                             timeout=timeout)
+        except KataIpuError as exc:
+            raise _refused(f"Pull of {image}", exc) from None
+    img = resp.image
+    return Pulled(image, img.digest, tuple(img.layers), tuple(img.diff_ids))
+
+
+async def remove_image(address: str, image: str, timeout: float = 60.0) -> None:
+    """Remove ``image`` from the IPU unless clones of it live (FAILED_PRECONDITION then)."""
+    client = await _connect(address)
+    async with client:
+        try:
+            await client.call_message(api.IMAGE_SERVICE, "Remove",
+                                      pb.RemoveImageRequest(image=image),
+                                      pb.RemoveImageResponse, timeout=timeout)
+        except KataIpuError as exc:
+            raise _refused(f"Remove of {image}", exc) from None
