@@ -1,9 +1,17 @@
 """The OCI bundle as the front doors see it: annotations in, records and root.path out.
 
-* :func:`plan` reads ``config.json`` and decides what a container needs from the IPU: nothing
-  (a CRI sandbox/pause container), or a rootfs of one image (``io.kubernetes.cri.image-name``,
-  else ``io.katacontainers.ipu.image``), with an export kind (``io.katacontainers.ipu.export``
-  overrides the configured one).
+* :func:`plan` reads ``config.json`` and decides what a container needs from the IPU, with an
+  export kind (``io.katacontainers.ipu.export`` overrides the configured one), in this order:
+
+  1. a CRI sandbox (pause) container: nothing, its rootfs is kept;
+  2. a rootfs on one lower of the ipu snapshotter (the ``chain`` the caller found,
+     :mod:`shim_hooks.snapshotter.chain`): a clone of exactly that image, by digest, and of
+     exactly that many of its layers;
+  3. ``io.katacontainers.ipu.image``: that image, as the user named it;
+  4. ``io.kubernetes.cri.image-name``: that image if it is pinned by digest. A tag is not
+     resolved again — containerd resolved it at PullImage, and the tag may point elsewhere
+     by now — so the rootfs containerd prepared is kept (``keep``);
+  5. nothing names an image: the IPU cannot help (the caller refuses).
 * Records are small JSON files in the bundle, written atomically: ``kata-ipu-shim.json`` (which
   delegate shim serves this bundle) and ``kata-ipu-volume.json`` (which IPU volume is the
   container's rootfs). containerd removes the bundle after the shim's ``delete``; the records
@@ -22,8 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from kata_ipu.errors import FailedPrecondition, InvalidArgument
+from shim_hooks.snapshotter.chain import ChainImage
 
-IMAGE_ANNOTATIONS = ("io.kubernetes.cri.image-name", "io.katacontainers.ipu.image")
+IPU_IMAGE = "io.katacontainers.ipu.image"
+CRI_IMAGE = "io.kubernetes.cri.image-name"
+IMAGE_ANNOTATIONS = (IPU_IMAGE, CRI_IMAGE)
 EXPORT_ANNOTATION = "io.katacontainers.ipu.export"
 CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
@@ -46,10 +57,12 @@ class NoImage(FailedPrecondition):
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    image: str | None  # None: leave the rootfs alone
+    image: str | None  # None: nothing for the IPU to prepare
     export: str
     reason: str  # why (for the log)
     annotations: dict[str, str]
+    layers: int = 0  # the image's first N layers only (0: all)
+    keep: bool = False  # image None: keep containerd's rootfs (else: refuse, no image)
 
 
 def read_spec(bundle: str | Path) -> dict[str, Any]:
@@ -70,14 +83,23 @@ def spec_annotations(spec: dict[str, Any]) -> dict[str, str]:
     return {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
 
 
-def plan(spec: dict[str, Any], default_export: str) -> Plan:
+def plan(spec: dict[str, Any], default_export: str, chain: ChainImage | None = None) -> Plan:
     ann = spec_annotations(spec)
     export = ann.get(EXPORT_ANNOTATION) or default_export
     if ann.get(CONTAINER_TYPE) == "sandbox":
-        return Plan(None, export, "CRI sandbox (pause) container", ann)
-    for key in IMAGE_ANNOTATIONS:
-        if ann.get(key):
-            return Plan(ann[key], export, f"image from {key}", ann)
+        return Plan(None, export, "CRI sandbox (pause) container", ann, keep=True)
+    if chain is not None:
+        return Plan(chain.reference, export, f"the ipu snapshotter's chain (its first "
+                    f"{chain.layers} of {chain.total} layers)", ann, chain.prepare_layers)
+    if ann.get(IPU_IMAGE):
+        return Plan(ann[IPU_IMAGE], export, f"image from {IPU_IMAGE}", ann)
+    cri = ann.get(CRI_IMAGE)
+    if cri and "@sha256:" in cri:
+        return Plan(cri, export, f"image from {CRI_IMAGE}, pinned by digest", ann)
+    if cri:
+        return Plan(None, export, f"{CRI_IMAGE} {cri} is not pinned by digest and the rootfs is "
+                    "not on the ipu snapshotter's chain (the image was unpacked on the host): "
+                    "containerd's rootfs is kept", ann, keep=True)
     return Plan(None, export, "no image annotation "
                 f"({' or '.join(IMAGE_ANNOTATIONS)})", ann)
 

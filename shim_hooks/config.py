@@ -14,6 +14,9 @@ Example::
     fallback = "error"           # "error": fail Create; "passthrough": keep the original rootfs
     timeout = 600                # seconds for one Prepare (a cold pull may take long)
     socket_dir = "/run/kata-ipu/shim"      # where the proxy's ttrpc sockets live
+    snapshotter_root = "/var/lib/kata-ipu-snapshotter"  # the ipu snapshotter's root: a
+                                 # rootfs on one of its lowers is prepared by that image's
+                                 # digest ("": never look)
 
     [delegates]                  # binary per delegate (absolute path, or a name found in $PATH)
     kata = "containerd-shim-kata-v2"
@@ -58,6 +61,7 @@ class ShimConfig:
     fallback: str = "error"
     timeout: float = 600.0
     socket_dir: str = "/run/kata-ipu/shim"
+    snapshotter_root: str = "/var/lib/kata-ipu-snapshotter"
     delegates: Mapping[str, str] = field(default_factory=lambda: {
         "kata": "containerd-shim-kata-v2", "runc": "containerd-shim-runc-v2"})
     runc: str = "runc"
@@ -71,7 +75,7 @@ class ShimConfig:
 
 _TOP: dict[str, type | tuple[type, ...]] = {
     "address": str, "delegate": str, "export": str, "fallback": str, "timeout": (int, float),
-    "socket_dir": str}
+    "socket_dir": str, "snapshotter_root": str}
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...], where: str) -> None:

@@ -5,15 +5,22 @@ Every call is forwarded to the delegate (``containerd-shim-runc-v2`` or
 remaining deadline; replies and error statuses come back unchanged. Two calls do more:
 
 ``Create``
-    The bundle's annotations name the image (:func:`shim_hooks.bundle.plan`). kata-ipud has
-    been asked to ``Prepare`` a clone while the delegate started (:class:`EarlyPrepare`; for
-    a pod's later containers, which share the proxy, the proxy asks now). The proxy replaces
+    The image is the one the container's snapshot stacks on when the ipu snapshotter made it
+    (one of its lowers in ``CreateTaskRequest.rootfs``: that image by digest, that many of its
+    layers), else the one the bundle's annotations name (:func:`shim_hooks.bundle.plan`).
+    kata-ipud has been asked to ``Prepare`` a clone while the delegate started
+    (:class:`EarlyPrepare`, from the snapshotter's hint for the container, or the annotations;
+    Create checks it against the mounts; for a pod's later containers, which share the proxy,
+    the proxy asks now). The proxy replaces
     ``CreateTaskRequest.rootfs`` with one mount of the exported block device (``ext4
     /dev/loopN``), points ``root.path`` at ``rootfs``, records the volume in the bundle and
     forwards. runc's shim mounts that device as the container root;
     Kata's shim sees a block device under ``/dev`` and hot-plugs it (virtio-blk) for the agent
     to mount. A failed forward releases the volume again. Without an image, or when the IPU
-    refuses, Create fails with the reason, unless ``fallback = "passthrough"``.
+    refuses, Create fails with the reason, unless ``fallback = "passthrough"``. A CRI sandbox,
+    and a CRI container whose image was unpacked on the host (its name a tag, its rootfs on no
+    lower), keep containerd's rootfs. The runc delegate never gets CRI's generic runtime
+    options (``runtimeoptions.v1.Options``), which it cannot decode.
 ``Delete`` (of a container, not of an exec)
     Forwarded first; then the volume is released.
 
@@ -45,13 +52,16 @@ from kata_ipu.ttrpc.errors import ConnectionClosed
 from shim_hooks import bundle as bundles
 from shim_hooks import hostmount, ipu
 from shim_hooks.config import ShimConfig
+from shim_hooks.snapshotter import chain as chains
 from shim_hooks.taskapi import (
     TASK_METHODS,
     TASK_SERVICE,
     CreateTaskRequest,
+    Mount,
     decode_connect_response,
     decode_id_request,
     id_request,
+    options_for_runc,
     replace_rootfs,
 )
 
@@ -68,21 +78,36 @@ class _Volume:
     mountpoint: str = ""
 
 
-async def prepare(cfg: ShimConfig, namespace: str, cid: str, bundle: Path,
-                  spec: dict[str, Any] | None = None) -> ipu.Prepared | None:
-    """Have the IPU prepare container ``cid``'s rootfs, as its bundle asks.
+def find_chain(cfg: ShimConfig, namespace: str, cid: str,
+               rootfs: tuple[Mount, ...] | None) -> chains.ChainImage | None:
+    """The image (and layer count) the container's snapshot stacks on, if it is one lower of
+    the ipu snapshotter: from the ``rootfs`` mounts of Create, or before them (None) from the
+    snapshotter's hint for the container."""
+    if not cfg.snapshotter_root:
+        return None
+    root = Path(cfg.snapshotter_root)
+    if rootfs is None:
+        return chains.read_hint(root, namespace, cid)
+    return chains.image_of_mounts(root, ((m.type, m.source, m.options) for m in rootfs))
 
-    None: leave the rootfs alone (a CRI sandbox). Raises :class:`bundles.NoImage` when the
-    container names no image, and the IPU's error (its gRPC class kept) when it refuses. The
-    volume is recorded in the bundle at once, so the ``delete`` action releases it even if
-    this process dies before ``Create`` is answered. ``spec``: the bundle's ``config.json``
-    if the caller has read it already.
+
+async def prepare(cfg: ShimConfig, namespace: str, cid: str, bundle: Path,
+                  spec: dict[str, Any] | None = None,
+                  chain: chains.ChainImage | None = None) -> ipu.Prepared | None:
+    """Have the IPU prepare container ``cid``'s rootfs, as its snapshot's ``chain`` or else
+    its bundle asks.
+
+    None: leave the rootfs alone (a CRI sandbox, an image unpacked on the host). Raises
+    :class:`bundles.NoImage` when the container names no image, and the IPU's error (its gRPC
+    class kept) when it refuses. The volume is recorded in the bundle at once, so the
+    ``delete`` action releases it even if this process dies before ``Create`` is answered.
+    ``spec``: the bundle's ``config.json`` if the caller has read it already.
     """
     if spec is None:
         spec = bundles.read_spec(bundle)
-    plan = bundles.plan(spec, cfg.export)
+    plan = bundles.plan(spec, cfg.export, chain)
     if plan.image is None:
-        if plan.annotations.get(bundles.CONTAINER_TYPE) == "sandbox":
+        if plan.keep:
             log.info("rootfs left alone: %s", plan.reason)
             return None
         raise bundles.NoImage(f"kata-ipu: container {cid} has {plan.reason}: "
@@ -94,7 +119,7 @@ async def prepare(cfg: ShimConfig, namespace: str, cid: str, bundle: Path,
     prepared = await ipu.prepare(
         cfg.address, key, plan.image, plan.export,
         {"containerd.io/namespace": namespace, "containerd.io/id": cid, **sandbox},
-        cfg.timeout)
+        cfg.timeout, layers=plan.layers)
     if premounts(cfg, prepared):
         # recorded before it is mounted: the delete action unmounts whatever is there
         prepared = dataclasses.replace(prepared, mountpoint=str(bundle / "rootfs"))
@@ -109,6 +134,7 @@ async def prepare(cfg: ShimConfig, namespace: str, cid: str, bundle: Path,
             prepared = dataclasses.replace(prepared, mountpoint="")
     log.info("rootfs prepared", extra={
         "image": prepared.image, "device": prepared.path, "cold": prepared.cold,
+        "why": plan.reason, "layers": plan.layers or None,
         "mounted": bool(prepared.mountpoint),
         "prepare_seconds": round(time.monotonic() - t0, 6)})
     return prepared
@@ -161,9 +187,11 @@ class EarlyPrepare:
     """
 
     def __init__(self, cfg: ShimConfig, bundle: Path,
-                 task: asyncio.Task[ipu.Prepared | None] | None = None) -> None:
+                 task: asyncio.Task[ipu.Prepared | None] | None = None,
+                 chain: chains.ChainImage | None = None) -> None:
         self.cfg = cfg
         self.bundle = bundle
+        self.chain = chain  # the snapshotter's hint it prepared from (Create checks it)
         self._task = task
         self._prepared: ipu.Prepared | None = None
         self._error: KataIpuError | None = None
@@ -188,10 +216,12 @@ class EarlyPrepare:
         spec = cls.spec_if_applies(cid, bundle)
         if spec is None:
             return None
-        early = cls(cfg, bundle)
+        chain = find_chain(cfg, namespace, cid, None)
+        early = cls(cfg, bundle, chain=chain)
         with jsonlog.bind(container_id=cid, namespace=namespace):
             try:
-                early._prepared = asyncio.run(prepare(cfg, namespace, cid, bundle, spec))
+                early._prepared = asyncio.run(prepare(cfg, namespace, cid, bundle, spec,
+                                                      chain))
             except KataIpuError as exc:
                 early._error = exc
         return early
@@ -204,12 +234,13 @@ class EarlyPrepare:
         spec = cls.spec_if_applies(cid, bundle)
         if spec is None:
             return None
+        chain = find_chain(cfg, namespace, cid, None)
 
         async def bound() -> ipu.Prepared | None:
             with jsonlog.bind(container_id=cid, namespace=namespace):
-                return await prepare(cfg, namespace, cid, bundle, spec)
+                return await prepare(cfg, namespace, cid, bundle, spec, chain)
 
-        return cls(cfg, bundle, asyncio.ensure_future(bound()))
+        return cls(cfg, bundle, asyncio.ensure_future(bound()), chain)
 
     async def _settle(self) -> None:
         task, self._task = self._task, None
@@ -300,15 +331,20 @@ class TaskProxy:
     async def create(self, ctx: CallContext, payload: bytes) -> bytes:
         req = CreateTaskRequest.decode(payload)
         namespace = ctx.metadata.first(NAMESPACE_KEY) or self.namespace
+        if self.cfg.delegate == "runc":
+            payload = options_for_runc(payload)
         with jsonlog.bind(container_id=req.id, namespace=namespace):
             early = self.early.pop(req.id, None)
+            chain = find_chain(self.cfg, namespace, req.id, req.rootfs)
             try:
-                if early is not None and early.bundle == Path(req.bundle):
+                if early is not None and early.bundle == Path(req.bundle) and (
+                        early.chain == chain):
                     prepared = await early.result()
                 else:
                     if early is not None:
                         await early.release_async()
-                    prepared = await prepare(self.cfg, namespace, req.id, Path(req.bundle))
+                    prepared = await prepare(self.cfg, namespace, req.id, Path(req.bundle),
+                                             chain=chain)
             except KataIpuError as exc:
                 if self.cfg.fallback == "passthrough":
                     log.warning("IPU rootfs unavailable, passing the original rootfs through: "
@@ -316,7 +352,7 @@ class TaskProxy:
                     return await self.forward("Create", ctx, payload)
                 log.error("%s", exc)
                 raise
-            if prepared is None:  # a CRI sandbox: its rootfs is the pause image's
+            if prepared is None:  # a CRI sandbox, or an image unpacked on the host
                 return await self.forward("Create", ctx, payload)
             bundle = Path(req.bundle)
             self.volumes[req.id] = _Volume(prepared.key, bundle, prepared.mountpoint)

@@ -5,10 +5,12 @@ Set it as the runc shim's ``BinaryName`` (``ctr run --runtime io.containerd.runc
 runc's command line as containerd's go-runc writes it and:
 
 ``create``
-    Reads the bundle's annotations (:mod:`shim_hooks.bundle`), asks kata-ipud to ``Prepare`` the
-    image's rootfs, mounts the block device at ``<bundle>/kata-ipu-rootfs``, points
-    ``root.path`` there, records the volume (in the bundle and in ``state_dir``) and runs
-    ``runc create`` with the unchanged argv. If runc fails, the mount and the volume are undone.
+    Finds the image: the one the container's snapshot stacks on when the runc shim mounted a
+    lower of the ipu snapshotter at ``<bundle>/rootfs`` (by digest), else the bundle's
+    annotations (:mod:`shim_hooks.bundle`). Asks kata-ipud to ``Prepare`` the image's
+    rootfs, mounts the block device at ``<bundle>/kata-ipu-rootfs``, points ``root.path``
+    there, records the volume (in the bundle and in ``state_dir``) and runs ``runc create``
+    with the unchanged argv. If runc fails, the mount and the volume are undone.
 ``delete``
     Runs ``runc delete``; once the container is gone, unmounts and releases its volume.
 everything else
@@ -18,9 +20,9 @@ Every runc command goes through here, so only ``create`` and ``delete`` of an IP
 load the ttrpc client (asyncio, protobuf); everything else execs runc after a few light imports.
 
 Its own failures are written as ``{"level":"error","msg":...}`` JSON lines to ``--log`` (the
-shim reports the last one), and on stderr; the exit code is then 1. A CRI sandbox container is
-left alone; a container without an image annotation fails unless ``fallback =
-"passthrough"``.
+shim reports the last one), and on stderr; the exit code is then 1. A CRI sandbox container,
+and a CRI container whose image was unpacked on the host, is left alone; a container without
+an image annotation fails unless ``fallback = "passthrough"``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from shim_hooks import bundle as bundles
 from shim_hooks import config as shimconfig
 from shim_hooks import hostmount
 from shim_hooks.runccli import RuncArgs, parse
+from shim_hooks.snapshotter import chain as chains
 
 if TYPE_CHECKING:
     from shim_hooks.ipu import Prepared
@@ -90,13 +93,13 @@ def _volume_key(root: str, cid: str) -> str:
 
 
 def _prepare(cfg: shimconfig.ShimConfig, key: str, image: str, export: str,
-             root: str) -> Prepared:
+             root: str, layers: int) -> Prepared:
     import asyncio  # noqa: PLC0415 - only IPU containers pay for the ttrpc client
 
     from shim_hooks import ipu  # noqa: PLC0415
 
     return asyncio.run(ipu.prepare(cfg.address, key, image, export, {"runc.root": root},
-                                   cfg.timeout))
+                                   cfg.timeout, layers=layers))
 
 
 def _release(address: str, key: str) -> None:
@@ -113,16 +116,20 @@ def create(args: RuncArgs, cfg: shimconfig.ShimConfig, rlog: RuntimeLog) -> int:
         _exec_runc(cfg.runc, args)  # let runc report the usage error
     bundle = Path(args.bundle or os.getcwd()).resolve()
     spec = bundles.read_spec(bundle)
-    plan = bundles.plan(spec, cfg.export)
+    chain = None
+    if cfg.snapshotter_root:  # the runc shim mounted the snapshot at <bundle>/rootfs
+        rootfs = chains.mounted_at(bundle / "rootfs")
+        chain = chains.image_of_mounts(Path(cfg.snapshotter_root),
+                                       [rootfs] if rootfs is not None else [])
+    plan = bundles.plan(spec, cfg.export, chain)
     if plan.image is None:
-        if plan.annotations.get(bundles.CONTAINER_TYPE) == "sandbox" or (
-                cfg.fallback == "passthrough"):
+        if plan.keep or cfg.fallback == "passthrough":
             _exec_runc(cfg.runc, args)
         raise bundles.NoImage(f"container {cid} has {plan.reason}: the IPU cannot prepare "
                               "its rootfs")
     key = _volume_key(args.root, cid)
     try:
-        prepared = _prepare(cfg, key, plan.image, plan.export, args.root)
+        prepared = _prepare(cfg, key, plan.image, plan.export, args.root, plan.layers)
     except KataIpuError as exc:
         if cfg.fallback == "passthrough":
             rlog.write("warning", f"IPU rootfs unavailable, keeping the bundle's: {exc}")

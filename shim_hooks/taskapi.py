@@ -16,7 +16,8 @@ Field numbers follow containerd 1.6/1.7 ``runtime/v2/task/shim.proto`` and
 
 Every other call is forwarded as opaque bytes. :func:`replace_rootfs` keeps every field of a
 ``CreateTaskRequest`` it does not own byte for byte (unknown ones included) and swaps only
-field 3, so a newer containerd's additions survive the proxy.
+field 3, so a newer containerd's additions survive the proxy; :func:`options_for_runc` drops
+only field 10.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from kata_ipu.protowire import (
     len_field,
     str_field,
 )
+from shim_hooks import runtimeopts
 
 TASK_SERVICE = "containerd.task.v2.Task"
 TASK_METHODS = ("State", "Create", "Start", "Delete", "Pids", "Pause", "Resume", "Checkpoint",
@@ -99,6 +101,20 @@ def replace_rootfs(data: bytes, mounts: tuple[Mount, ...]) -> bytes:
     """The same CreateTaskRequest with field 3 (rootfs) replaced by ``mounts``."""
     kept = [encode_field(n, wt, v) for n, wt, v in iter_fields(data) if n != 3]
     return b"".join(kept) + b"".join(len_field(3, m.encode()) for m in mounts)
+
+
+def options_for_runc(data: bytes) -> bytes:
+    """The same CreateTaskRequest without its ``options`` (field 10) unless they are runc's
+    own: CRI fills them with the handler's ``runtimeoptions.v1.Options`` for any runtime type
+    it does not know (kata-ipu's), which the runc shim cannot decode ("type with url
+    runtimeoptions.v1.Options: not found") and does not need."""
+    fields = list(iter_fields(data))
+    options = [v for n, _wt, v in fields if n == 10]
+    if not options or all(isinstance(v, bytes) and
+                          runtimeopts.parse(v).type_url.endswith(runtimeopts.RUNC_OPTIONS)
+                          for v in options):
+        return data
+    return b"".join(encode_field(n, wt, v) for n, wt, v in fields if n != 10)
 
 
 def id_request(cid: str, exec_id: str = "") -> bytes:

@@ -11,6 +11,7 @@ go with the IPU's own teardown.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -99,6 +100,12 @@ class SnapshotterProcess:
     def mounts(self) -> list[str]:
         """Mount points under the snapshotter's root (its lowers), deepest first."""
         return mounts_under(self.root)
+
+    def lower_info(self, mountpoint: str) -> dict[str, object]:
+        """What ``lower.json`` beside a lower's mount point says (image, layers)."""
+        data: dict[str, object] = json.loads((Path(mountpoint).parent / "lower.json")
+                                             .read_text())
+        return data
 
     def teardown(self) -> None:
         self.stop()

@@ -125,6 +125,29 @@ def image_of_mounts(root: Path, mounts: Iterable[tuple[str, str, tuple[str, ...]
     return read_lower(directory) if directory is not None else None
 
 
+def _unescape(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace(
+        "\\012", "\n").replace("\\134", "\\")
+
+
+def mounted_at(target: Path) -> tuple[str, str, tuple[str, ...]] | None:
+    """(type, source, options) of what is mounted at ``target`` (the kernel's view in
+    ``/proc/self/mountinfo``: an overlay's super options carry its lowerdir), or None."""
+    want = os.path.realpath(target)
+    found = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            for line in f:
+                fields = line.split()
+                if _unescape(fields[4]) == want:
+                    sep = fields.index("-")
+                    found = (fields[sep + 1], _unescape(fields[sep + 2]),
+                             tuple(fields[sep + 3].split(",")))
+    except OSError:
+        return None
+    return found
+
+
 def hint_path(root: Path, namespace: str, key: str) -> Path:
     digest = hashlib.sha256(f"{namespace}\0{key}".encode()).hexdigest()[:40]
     return root / HINTS_DIR / f"{digest}.json"

@@ -74,6 +74,7 @@ async def serve(cfg: SnapshotterConfig, *, stop: asyncio.Event | None = None) ->
         log.info("kata-ipu-snapshotter stopping")
         notify.stopping()
         await server.stop(SHUTDOWN_GRACE)
+        await sn.drain()
     finally:
         sn.close()
 
