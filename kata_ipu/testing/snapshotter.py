@@ -78,6 +78,11 @@ class SnapshotterProcess:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     @property
+    def pid(self) -> int:
+        assert self.proc is not None, "not started"
+        return self.proc.pid
+
+    @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 

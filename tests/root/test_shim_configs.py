@@ -19,7 +19,9 @@ import pytest
 
 from kata_ipu.testing.containerd import Containerd, mounts_under
 from kata_ipu.testing.prereq import require_programs, require_root
+from kata_ipu.testing.snapshotter import SnapshotterProcess
 from kata_ipu.ttrpc.wire import iter_fields
+from shim_hooks.snapshotter import config as snapcfg
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SNIPPETS = sorted((CONFIGS / "containerd").glob("kata-ipu-*.toml"))
@@ -53,19 +55,35 @@ def test_containerd_starts_with_the_kata_ipu_handlers(snippet: Path, tmp_path: P
     # the snippet is merged into a stock config, which has the default runc handler
     stock = ('[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]\n'
              '  runtime_type = "io.containerd.runc.v2"\n')
-    with Containerd(tmp_path / "ctd", cri=True, extra_config=stock + snippet.read_text()) as ctd:
-        plugins = ctd.ctr("plugins", "ls").stdout
-        assert re.search(r"^io\.containerd\.grpc\.v1\s+cri\s+\S+\s+ok\s*$", plugins, re.M), (
-            plugins)
-        runtimes = _cri_config(ctd.socket)["containerd"]["runtimes"]  # type: ignore[index]
-        for name, handler in wanted.items():
-            got = runtimes[name]
-            assert got["runtimeType"] == handler["runtime_type"]
-            assert got["options"] == handler["options"]
-            assert got["ContainerAnnotations"] == got["PodAnnotations"] == [
-                "io.katacontainers.*"]
-        assert runtimes["kata-ipu"]["runtimeType"] == "io.containerd.kata-ipu.v2"
+    # the snippet's ipu snapshotter, on a private socket (the CRI plugin needs it to load)
+    text = snippet.read_text()
+    assert text.count('address = "/run/kata-ipu/snapshotter.sock"') == 1
+    with SnapshotterProcess(tmp_path / "sn") as sn:
+        text = text.replace("/run/kata-ipu/snapshotter.sock", str(sn.socket))
+        with Containerd(tmp_path / "ctd", cri=True, extra_config=stock + text) as ctd:
+            plugins = ctd.ctr("plugins", "ls").stdout
+            assert re.search(r"^io\.containerd\.grpc\.v1\s+cri\s+\S+\s+ok\s*$", plugins,
+                             re.M), plugins
+            assert re.search(r"^io\.containerd\.snapshotter\.v1\s+ipu\s+\S+\s+ok\s*$", plugins,
+                             re.M), plugins
+            cri = _cri_config(ctd.socket)["containerd"]
+            assert cri["snapshotter"] == "ipu"  # type: ignore[index]
+            assert cri["disableSnapshotAnnotations"] is False  # type: ignore[index]
+            runtimes = cri["runtimes"]  # type: ignore[index]
+            for name, handler in wanted.items():
+                got = runtimes[name]
+                assert got["runtimeType"] == handler["runtime_type"]
+                assert got["options"] == handler["options"]
+                assert got["ContainerAnnotations"] == got["PodAnnotations"] == [
+                    "io.katacontainers.*"]
+            assert runtimes["kata-ipu"]["runtimeType"] == "io.containerd.kata-ipu.v2"
     assert not mounts_under(tmp_path)
+
+
+def test_the_snapshotter_config_file_is_its_defaults() -> None:
+    assert snapcfg.load(str(CONFIGS / "snapshotter.toml"), env={}) == snapcfg.SnapshotterConfig()
+    shim = tomllib.loads((CONFIGS / "shim.toml").read_text())
+    assert shim["snapshotter_root"] == str(snapcfg.SnapshotterConfig().root)
 
 
 def test_runtimeclass_handlers_exist_in_the_snippets() -> None:
@@ -90,7 +108,8 @@ def test_kata_drop_in_enables_block_rootfs_on_q35() -> None:
 
 
 @pytest.mark.parametrize(("name", "binary"), [("kata-ipud", "kata-ipud"),
-                                              ("kata-ipu-shimd", "kata-ipu-shimd")])
+                                              ("kata-ipu-shimd", "kata-ipu-shimd"),
+                                              ("kata-ipu-snapshotter", "kata-ipu-snapshotter")])
 def test_systemd_units_verify(tmp_path: Path, name: str, binary: str) -> None:
     require_programs("systemd-analyze")
     unit = (CONFIGS / "systemd" / f"{name}.service").read_text()
