@@ -31,6 +31,7 @@ class IpuDaemon:
                  tcp: str | None = None, token_file: Path | None = None,
                  unix: bool = True, extra_config: str = "") -> None:
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.root = workdir / "root"
         self.socket = workdir / "ipud.sock"
         self.address = f"unix://{self.socket}"
