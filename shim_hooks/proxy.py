@@ -24,6 +24,13 @@ remaining deadline; replies and error statuses come back unchanged. Two calls do
 ``Delete`` (of a container, not of an exec)
     Forwarded first; then the volume is released.
 
+``kataipu.shim.v1.Proxy/Expect`` (the proxy's own socket, root only)
+    A pod's later containers join its proxy: kata-ipu-shimd's spare that runs such a
+    container's ``start`` tells the proxy serving the pod which container and bundle are
+    coming, and the proxy prepares that rootfs at once (an :class:`EarlyPrepare`), so that
+    the container's ``Create`` finds it ready. Not claimed by a Create within
+    :data:`EXPECT_TTL`, it is released.
+
 The proxy lives as long as its delegate: when the delegate's connection closes (``Shutdown``,
 a crash) the proxy stops serving and exits, and containerd sees the shim gone.
 """
@@ -69,6 +76,8 @@ log = logging.getLogger("shim_hooks.proxy")
 
 Handler = Callable[[CallContext, bytes], Awaitable[bytes]]
 REMEMBER_DELAY = 0.5  # seconds to wait for containerd's Connect before asking the delegate
+PROXY_SERVICE = "kataipu.shim.v1.Proxy"
+EXPECT_TTL = 120.0  # seconds an expected container's rootfs waits for its Create
 
 
 @dataclass
@@ -227,11 +236,18 @@ class EarlyPrepare:
         return early
 
     @classmethod
-    def begin(cls, cfg: ShimConfig, namespace: str, cid: str,
-              bundle: Path) -> EarlyPrepare | None:
+    def begin(cls, cfg: ShimConfig, namespace: str, cid: str, bundle: Path, *,
+              joining: bool = False) -> EarlyPrepare | None:
         """Start :func:`prepare` as a task of the running loop (its request goes out at the
-        loop's next wait)."""
-        spec = cls.spec_if_applies(cid, bundle)
+        loop's next wait). ``joining``: for a container that joins this proxy's group (the
+        proxy serving it was told by Expect)."""
+        if joining:
+            try:
+                spec: dict[str, Any] | None = bundles.read_spec(bundle)
+            except KataIpuError:
+                return None
+        else:
+            spec = cls.spec_if_applies(cid, bundle)
         if spec is None:
             return None
         chain = find_chain(cfg, namespace, cid, None)
@@ -284,12 +300,35 @@ class TaskProxy:
         self.volumes: dict[str, _Volume] = {}
         self.early: dict[str, EarlyPrepare] = dict(early or {})
         self.on_delegate_pid: Callable[[int], None] | None = None
+        self._tasks: set[asyncio.Future[None]] = set()
 
     async def close(self) -> None:
         """Release what was prepared for a ``Create`` that never came."""
         early, self.early = self.early, {}
         for e in early.values():
             await e.release_async()
+
+    async def expect(self, ctx: CallContext, payload: bytes) -> bytes:
+        """A container of this proxy's group is about to be created: prepare its rootfs."""
+        cid, bundle = decode_id_request(payload)
+        namespace = ctx.metadata.first(NAMESPACE_KEY) or self.namespace
+        if cid and bundle and cid not in self.early:
+            with jsonlog.bind(container_id=cid, namespace=namespace):
+                early = EarlyPrepare.begin(self.cfg, namespace, cid, Path(bundle),
+                                           joining=True)
+            if early is not None:
+                self.early[cid] = early
+                asyncio.get_running_loop().call_later(
+                    EXPECT_TTL, lambda: self._unclaimed(cid, early))
+        return b""
+
+    def _unclaimed(self, cid: str, early: EarlyPrepare) -> None:
+        if self.early.get(cid) is early:
+            del self.early[cid]
+            log.warning("rootfs of container %s released: no Create came", cid)
+            task = asyncio.ensure_future(early.release_async())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def handlers(self) -> dict[str, Handler]:
         out: dict[str, Handler] = {m: self._forwarder(m) for m in TASK_METHODS}
@@ -412,6 +451,7 @@ async def serve(cfg: ShimConfig, delegate_address: str, listen: str, namespace: 
     proxy = TaskProxy(cfg, connecting, namespace, {cid: early} if early is not None else None)
     server = Server()
     server.register(TASK_SERVICE, proxy.handlers())
+    server.register(PROXY_SERVICE, {"Expect": proxy.expect})
     try:
         await server.listen(listener if listener is not None else listen, mode=0o600)
         delegate = await connecting

@@ -91,6 +91,22 @@ def proxy_socket(cfg: shimconfig.ShimConfig, delegate_address: str) -> str:
     return os.path.join(cfg.socket_dir, f"{digest}.sock")
 
 
+CONTAINERD_SOCKETS = "/run/containerd/s"  # containerd's shim library: socketRoot + "/s"
+
+
+def group_delegate_address(args: argparse.Namespace, spec: dict[str, object],
+                           cid: str) -> str | None:
+    """The address the delegate's ``start`` would answer for a container that joins a group
+    (a pod's later container), computed as containerd's shim library does for runc's and
+    Kata's shims (``shim.SocketAddress``: sha256 of ``filepath.Join(address, namespace,
+    group)``); None for a container that starts a group of its own."""
+    group = bundles.shim_group(spec, cid)
+    if group == cid or not args.address or not args.namespace:
+        return None
+    key = os.path.normpath(os.path.join(args.address, args.namespace, group))
+    return f"unix://{CONTAINERD_SOCKETS}/{hashlib.sha256(key.encode()).hexdigest()}"
+
+
 def _serving(path: str) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         try:
@@ -323,6 +339,11 @@ def serve_in_place(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options
 
     async def run() -> None:
         plan = plan_delegate(args, cfg, options)
+        joined = await join_group(args, plan)
+        if joined is not None:
+            report(joined.address)
+            record_joined(plan, joined)
+            return
         # the delegate's own start is the longest step of this one: it goes first, and the
         # IPU's Prepare and the proxy's socket are set up while it runs
         d = spawn_delegate(args, plan)
@@ -365,6 +386,55 @@ def serve_in_place(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options
     with asyncio.Runner(loop_factory=None if loop is None else lambda: loop) as runner:
         runner.run(run())
     return 0
+
+
+async def join_group(args: argparse.Namespace, plan: DelegatePlan) -> Launched | None:
+    """A pod's later container whose group a proxy of ours serves already: that proxy's
+    address, without running the delegate's ``start`` (which would only answer its own
+    socket, :func:`group_delegate_address`), and the proxy told to prepare the container's
+    rootfs now (``Expect``). None: start the delegate as for a new group."""
+    from kata_ipu.ttrpc import NAMESPACE_KEY, Client, Metadata  # noqa: PLC0415 - preloaded
+    from shim_hooks import proxy  # noqa: PLC0415 - preloaded by the server
+    from shim_hooks.taskapi import id_request  # noqa: PLC0415
+
+    try:
+        spec = bundles.read_spec(plan.bundle)
+    except KataIpuError:
+        return None  # Create says what is wrong with the bundle
+    delegate_address = group_delegate_address(args, spec, args.id)
+    if delegate_address is None:
+        return None
+    listen = proxy_socket(plan.cfg, delegate_address)
+    try:
+        binary = shimconfig.resolve_binary(plan.cfg.delegate_binary)
+    except KataIpuError:
+        return None  # the delegate's start says it is missing
+    try:
+        client = await Client.connect(f"unix://{listen}", timeout=1.0)
+    except KataIpuError:
+        return None  # no proxy of ours serves the group (yet): the delegate decides
+    async with client:
+        try:
+            await client.call(proxy.PROXY_SERVICE, "Expect",
+                              id_request(args.id, str(plan.bundle)), timeout=5.0,
+                              metadata=Metadata([(NAMESPACE_KEY, args.namespace)]))
+        except KataIpuError as exc:  # an older proxy: Create prepares, as before
+            log.debug("the group's proxy does not take Expect: %s", exc)
+    cfg = plan.cfg
+    address = f"unix://{listen}"
+    record: dict[str, object] = {
+        "delegate": cfg.delegate, "delegate_binary": binary,
+        "delegate_address": delegate_address, "address": address, "ipu_address": cfg.address}
+    log.info("joined the proxy of the container's group", extra={"address": address})
+    return Launched(address, listen, delegate_address, record, None, True)
+
+
+def record_joined(plan: DelegatePlan, launched: Launched) -> None:
+    try:  # as record_started, for a start that ran no delegate
+        bundles.write_json(plan.bundle / bundles.SHIM_RECORD, launched.record)
+        (plan.bundle / "address").write_text(launched.address)
+    except OSError as exc:
+        log.error("cannot record the delegate in the bundle: %s", exc)
 
 
 def _fork_proxy(serve: Callable[[Callable[[], None]], int]) -> None:

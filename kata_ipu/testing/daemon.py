@@ -9,12 +9,8 @@ qemu-storage-daemon is left behind.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,15 +18,18 @@ from typing import Any
 
 from kata_ipu.block import loop
 from kata_ipu.block.pool import open_pool
+from kata_ipu.testing.notified import NotifiedProcess
 from kata_ipu.testing.registry import free_port
 
 
-class IpuDaemon:
+class IpuDaemon(NotifiedProcess):
+    name = "kata-ipud"
+
     def __init__(self, workdir: Path, *, backend: str = "file", pool_size: str = "4G",
                  insecure_registries: tuple[str, ...] = (), metrics: bool = True,
                  tcp: str | None = None, token_file: Path | None = None,
                  unix: bool = True, extra_config: str = "") -> None:
-        self.workdir = workdir
+        super().__init__(workdir, workdir / "ipud.log")
         workdir.mkdir(parents=True, exist_ok=True)
         self.root = workdir / "root"
         self.socket = workdir / "ipud.sock"
@@ -49,60 +48,13 @@ class IpuDaemon:
             + (f'[metrics]\naddress = "127.0.0.1:{self.metrics_port}"\n' if metrics else "")
             + (f'[tcp]\ntoken_file = "{token_file}"\n' if token_file else "")
             + extra_config)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = workdir / "ipud.log"
 
     def start(self, timeout: float = 60, *, env: dict[str, str] | None = None,
               wrapper: tuple[str, ...] = ()) -> IpuDaemon:
-        notify_path = str(self.workdir / "notify.sock")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(notify_path)
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(notify_path)
-        notify.settimeout(0.2)
-        full_env = dict(os.environ, NOTIFY_SOCKET=notify_path, **(env or {}))
         exe = Path(sys.executable).with_name("kata-ipud")
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([*wrapper, str(exe), "--config", str(self.config)],
-                                         stdout=log, stderr=subprocess.STDOUT, env=full_env)
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                try:
-                    if b"READY=1" in notify.recv(4096):
-                        return self
-                except TimeoutError:
-                    pass
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"kata-ipud exited with {self.proc.returncode}: "
-                                       f"{self.log.read_text()[-2000:]}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"kata-ipud not ready after {timeout}s")
-        finally:
-            notify.close()
-
-    def wait_exit(self, timeout: float = 120) -> int:
-        """Wait for a daemon that is expected to die on its own (crash points)."""
-        assert self.proc is not None
-        rc = self.proc.wait(timeout)
-        self.proc = None
-        return rc
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        if self.proc is None:
-            return 0
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(sig)
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = self.proc.wait()
-        self.proc = None
-        return rc
-
-    def kill(self) -> None:
-        self.stop(signal.SIGKILL)
+        self.spawn([*wrapper, str(exe), "--config", str(self.config)], env=env,
+                   timeout=timeout)
+        return self
 
     def cli(self, *args: str, check: bool = True,
             timeout: float = 300) -> subprocess.CompletedProcess[str]:

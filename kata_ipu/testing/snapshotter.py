@@ -10,97 +10,45 @@ go with the IPU's own teardown.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Self
 
 from kata_ipu.block.fsutil import mounts_under
+from kata_ipu.testing.notified import NotifiedProcess
 
 
-class SnapshotterProcess:
-    def __init__(self, workdir: Path, *, ipu_address: str = "", name: str = "ipu",
-                 extra_config: str = "", instance: str = "test") -> None:
-        self.workdir = workdir
+class SnapshotterProcess(NotifiedProcess):
+    name = "kata-ipu-snapshotter"
+
+    def __init__(self, workdir: Path, *, ipu_address: str = "", plugin: str = "ipu",
+                 extra_config: str = "", instance: str = "test",
+                 lower_linger: float = 0, log_level: str = "debug") -> None:
+        super().__init__(workdir, workdir / "snapshotter.log")
         workdir.mkdir(parents=True, exist_ok=True)
         self.root = workdir / "root"
         self.socket = workdir / "snapshotter.sock"
-        self.name = name
+        self.plugin = plugin  # containerd's name for it: [proxy_plugins.<plugin>]
         self.config = workdir / "snapshotter.toml"
-        self.log = workdir / "snapshotter.log"
         self.config.write_text(
             f'root = "{self.root}"\naddress = "{self.socket}"\nipu_address = "{ipu_address}"\n'
-            f'instance = "{instance}"\n' + extra_config)
-        self.proc: subprocess.Popen[bytes] | None = None
+            f'instance = "{instance}"\nlower_linger = {lower_linger}\n' + extra_config)
+        self.log_level = log_level
 
     def proxy_plugin_toml(self) -> str:
-        return (f'[proxy_plugins.{self.name}]\n  type = "snapshot"\n'
+        return (f'[proxy_plugins.{self.plugin}]\n  type = "snapshot"\n'
                 f'  address = "{self.socket}"\n')
 
     def start(self, timeout: float = 30) -> Self:
-        notify_path = str(self.workdir / "notify.sock")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(notify_path)
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(notify_path)
-        notify.settimeout(0.2)
-        env = dict(os.environ, NOTIFY_SOCKET=notify_path)
+        env = dict(os.environ)
         env.pop("KATA_IPU_ADDRESS", None)  # the config file says which IPU
         exe = Path(sys.executable).with_name("kata-ipu-snapshotter")
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([str(exe), "--config", str(self.config),
-                                          "--log-level", "debug"],
-                                         stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                try:
-                    if b"READY=1" in notify.recv(4096):
-                        return self
-                except TimeoutError:
-                    pass
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"kata-ipu-snapshotter exited with "
-                                       f"{self.proc.returncode}: {self.log_text()[-2000:]}")
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise TimeoutError(f"kata-ipu-snapshotter not ready after {timeout}s")
-        finally:
-            notify.close()
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None, "not started"
-        return self.proc.pid
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc is None:
-            return 0
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(sig)
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = self.proc.wait()
-        self.proc = None
-        return rc
-
-    def kill(self) -> None:
-        self.stop(signal.SIGKILL)
+        self.spawn([str(exe), "--config", str(self.config), "--log-level", self.log_level],
+                   env=env, timeout=timeout)
+        return self
 
     def mounts(self) -> list[str]:
         """Mount points under the snapshotter's root (its lowers), deepest first."""

@@ -13,6 +13,8 @@ flags override both. Example (every key, with its default)::
     fallback_seconds = 60    # how long one image's fallback holds before the IPU is tried again
     pull_timeout = 1800      # seconds the IPU may take to pull and build one image
     remove_images = true     # the last snapshot of an image removed: remove it on the IPU
+    lower_linger = 300       # seconds an unused lower stays mounted for the image's next
+                             # container (0: released with its last snapshot)
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class SnapshotterConfig:
     fallback_seconds: float = 60.0
     pull_timeout: float = 1800.0
     remove_images: bool = True
+    lower_linger: float = 300.0
 
     @property
     def host(self) -> str:
@@ -53,7 +56,7 @@ class SnapshotterConfig:
 
 _TYPES: dict[str, type] = {"root": Path, "address": Path, "ipu_address": str, "instance": str,
                            "fallback": str, "fallback_seconds": float, "pull_timeout": float,
-                           "remove_images": bool}
+                           "remove_images": bool, "lower_linger": float}
 
 
 def _coerce(path: str, key: str, value: Any) -> Any:
@@ -63,8 +66,11 @@ def _coerce(path: str, key: str, value: Any) -> Any:
             raise ConfigError(f"{path}: {key} must be an absolute path, not {value!r}")
         return Path(value)
     if want is float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise ConfigError(f"{path}: {key} must be a positive number, not {value!r}")
+        zero_ok = key == "lower_linger"
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 or (
+                value == 0 and not zero_ok):
+            kind = "non-negative" if zero_ok else "positive"
+            raise ConfigError(f"{path}: {key} must be a {kind} number, not {value!r}")
         return float(value)
     if not isinstance(value, want):
         raise ConfigError(f"{path}: {key} must be a {want.__name__}, not {value!r}")

@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import stat
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -45,6 +46,15 @@ def volume_key(instance: str, image: RemoteImage) -> str:
     """The IPU's key for this host's lower of ``image``: [A-Za-z0-9_.-], at most 128."""
     name = _INSTANCE.sub("-", instance)[:32] or "host"
     return f"snap-{name}-{image.manifest.partition(':')[2][:64]}-{image.layers}"
+
+
+def is_mountpoint(path: Path) -> bool:
+    """Something is mounted at ``path`` (its device differs from its parent's: two stats,
+    where a mount table scan grows with every container on the host)."""
+    try:
+        return os.stat(path).st_dev != os.stat(path.parent).st_dev
+    except FileNotFoundError:
+        return False
 
 
 def chain_image(image: RemoteImage) -> ChainImage:
@@ -78,14 +88,19 @@ class Lowers:
             yield await asyncio.to_thread(self.store.lower_for, image,
                                           volume_key(self.instance, image))
 
+    def mounted(self, lower: Lower) -> bool:
+        """Mounted as recorded: a new lower, or one a reboot or an operator unmounted, must
+        not be stacked on, or the overlay would show an empty root."""
+        return lower.state == "mounted" and is_mountpoint(self.mountpoint(lower.id))
+
     async def ensure(self, lower: Lower) -> Lower:
         """Mount ``lower`` (held by the caller) if it is not mounted; idempotent."""
-        target = self.mountpoint(lower.id)
-        if lower.state == "mounted" and await asyncio.to_thread(mount_source, target) is not None:
+        if self.mounted(lower):
             return lower
         return await self._materialize(lower)
 
     async def _materialize(self, lower: Lower) -> Lower:
+        t0 = time.monotonic()
         image = lower.image
         target = self.mountpoint(lower.id)
         await asyncio.to_thread(self._make_dirs, lower)
@@ -106,7 +121,8 @@ class Lowers:
                                 prepared.fstype, options)
         log.info("lower mounted", extra={"lower": lower.id, "image": image.reference,
                                          "layers": image.layers, "device": prepared.path,
-                                         "cold": prepared.cold})
+                                         "cold": prepared.cold,
+                                         "seconds": round(time.monotonic() - t0, 4)})
         got = await asyncio.to_thread(self.store.get_lower, lower.id)
         assert got is not None
         return got
@@ -143,10 +159,8 @@ class Lowers:
         if lower is None:
             return
         async with self._locked(lower.image):
-            if await asyncio.to_thread(self.store.lower_users, lower_id):
-                return
-            await asyncio.to_thread(self.store.set_lower, lower_id, "releasing", lower.device,
-                                    lower.fstype, lower.options)
+            if await asyncio.to_thread(self.store.claim_release, lower_id) is None:
+                return  # in use again
             await asyncio.to_thread(hostmount.umount, self.mountpoint(lower_id))
             try:
                 await ipu.release(self.address, lower.volume)

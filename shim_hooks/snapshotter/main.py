@@ -52,7 +52,8 @@ def build(cfg: SnapshotterConfig) -> Snapshotter:
     root = cfg.root
     sn = Snapshotter.open(root, remote=RemoteChains(
         cfg.ipu_address, timeout=cfg.pull_timeout, fallback=cfg.fallback,
-        fallback_seconds=cfg.fallback_seconds), remove_images=cfg.remove_images)
+        fallback_seconds=cfg.fallback_seconds), remove_images=cfg.remove_images,
+        lower_linger=cfg.lower_linger)
     sn.lowers = Lowers(root, sn.store, cfg.ipu_address, cfg.host, timeout=cfg.pull_timeout)
     return sn
 

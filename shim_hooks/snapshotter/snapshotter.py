@@ -51,7 +51,7 @@ from shim_hooks.snapshotter.model import (
     inherited,
 )
 from shim_hooks.snapshotter.remote import FallBack, LayerRequest, RemoteChains
-from shim_hooks.snapshotter.store import MetaStore
+from shim_hooks.snapshotter.store import Lower, LowerNotReady, MetaStore
 
 log = logging.getLogger("shim_hooks.snapshotter")
 
@@ -78,12 +78,15 @@ def disk_usage(path: Path) -> Usage:
 
 class Snapshotter:
     def __init__(self, root: Path, store: MetaStore, *, lowers: Lowers | None = None,
-                 remote: RemoteChains | None = None, remove_images: bool = True) -> None:
+                 remote: RemoteChains | None = None, remove_images: bool = True,
+                 lower_linger: float = 0.0) -> None:
         self.root = root
         self.store = store
         self.lowers = lowers
         self.remote = remote
         self.remove_images = remove_images
+        self.lower_linger = lower_linger
+        self._lingering: dict[int, asyncio.TimerHandle] = {}
         self.snapshots_dir = root / "snapshots"
         self.index_off = os.path.exists("/sys/module/overlay/parameters/index")
         self._lock = asyncio.Lock()
@@ -197,27 +200,50 @@ class Snapshotter:
 
     async def _create(self, kind: Kind, key: str, parent: str,
                       labels: dict[str, str]) -> list[Mount]:
-        async with self._lock:
-            if await asyncio.to_thread(self.store.get, key) is not None:
+        def local() -> tuple[list[Mount] | None, Snapshot | None, RemoteImage | None]:
+            """One trip to a worker thread for a snapshot on local layers (the usual case)."""
+            if self.store.get(key) is not None:
                 raise AlreadyExists(f"snapshot {key!r} already exists")
             p = None
             if parent:
-                p = await asyncio.to_thread(self.store.get, parent)
+                p = self.store.get(parent)
                 if p is None:
                     raise NotFound(f"parent snapshot {parent!r} does not exist")
                 if p.kind is not Kind.COMMITTED:
                     raise InvalidArgument(f"parent {parent!r} is not a committed snapshot")
-            base = None
-            if p is not None:
-                _, remote = await asyncio.to_thread(self._chain_of_parent, p)
-                base = remote.remote if remote is not None else None
-            if p is None or base is None:
-                snap = await asyncio.to_thread(self._create_local, kind, key, p, labels, None)
-                return await asyncio.to_thread(self._mounts, snap)
+                _, remote = self._chain_of_parent(p)
+                if remote is not None:
+                    assert remote.remote is not None
+                    return self._on_mounted_lower(kind, key, p, labels, remote.remote), p, \
+                        remote.remote
+            return self._mounts(self._create_local(kind, key, p, labels, None)), p, None
+
+        async with self._lock:
+            mounts, p, base = await asyncio.to_thread(local)
+        if mounts is not None:
+            return mounts
+        assert p is not None and base is not None
         if self.lowers is None:
             raise FailedPrecondition(f"parent {parent!r} is on the IPU, which this snapshotter "
                                      "is not configured to reach")
         return await self._create_on_lower(kind, key, p, labels, base)
+
+    def _on_mounted_lower(self, kind: Kind, key: str, parent: Snapshot, labels: dict[str, str],
+                          image: RemoteImage) -> list[Mount] | None:
+        """The snapshot and its mounts if its lower is mounted already (a warm container: no
+        IPU, no lock), else None for :meth:`_create_on_lower`."""
+        lower = self.store.find_lower(image)
+        if self.lowers is None or lower is None or not self.lowers.mounted(lower):
+            return None
+        try:
+            snap = self._create_local(kind, key, parent, labels, lower.id, lower_mounted=True)
+        except LowerNotReady:  # being released right now: the slow path waits for that
+            return None
+        try:
+            return self._finish_on_lower(snap, parent, lower.id, image)
+        except BaseException:
+            self._drop(snap)
+            raise
 
     def _chain_of_parent(self, p: Snapshot) -> tuple[list[Snapshot], Snapshot | None]:
         if p.remote is not None:
@@ -226,7 +252,8 @@ class Snapshotter:
         return [p, *local], remote
 
     def _create_local(self, kind: Kind, key: str, parent: Snapshot | None,
-                      labels: dict[str, str], lower: int | None) -> Snapshot:
+                      labels: dict[str, str], lower: int | None, *,
+                      lower_mounted: bool = False) -> Snapshot:
         """The row and its directories (made aside, then renamed into place, so that a
         crash leaves either nothing or a directory no row names, which recovery removes)."""
         tmp = Path(tempfile.mkdtemp(prefix="new-", dir=self.snapshots_dir))
@@ -239,7 +266,7 @@ class Snapshotter:
                 os.lchown(tmp / "fs", st.st_uid, st.st_gid)
             depth = parent.depth + 1 if parent is not None else 1
             snap = self.store.create(kind, key, parent.name if parent else "", labels, depth,
-                                     lower=lower)
+                                     lower=lower, lower_mounted=lower_mounted)
             try:
                 os.rename(tmp, self.snapshots_dir / str(snap.id))
             except BaseException:
@@ -255,31 +282,35 @@ class Snapshotter:
         assert self.lowers is not None
         failed: BaseException | None = None
         async with self.lowers.hold(image) as held:
-            lower = held
             async with self._lock:
                 snap = await asyncio.to_thread(self._create_local, kind, key, parent, labels,
-                                               lower.id)
+                                               held.id)
             try:
                 lower = await self.lowers.ensure(held)
-                if parent.remote is not None:
-                    root = await asyncio.to_thread(os.stat, self.lowers.mountpoint(lower.id))
-                    await asyncio.to_thread(os.lchown, self.fs_path(snap), root.st_uid,
-                                            root.st_gid)
-                    await asyncio.to_thread(self._hint, snap, lower.id, image)
+                return await asyncio.to_thread(self._finish_on_lower, snap, parent, lower.id,
+                                               image)
             except BaseException as exc:
                 async with self._lock:
                     await asyncio.to_thread(self._drop, snap)
                 failed = exc
-        if failed is not None:
-            await self.lowers.release_unused(lower.id)  # if no one else stacks on it
-            if isinstance(failed, KataIpuError | OSError) and not isinstance(
-                    failed, FailedPrecondition):
-                raise Unavailable(f"snapshot {key!r} stacks on {image.reference} (its first "
-                                  f"{image.layers} layers), whose files are on the IPU, and "
-                                  f"the IPU could not give them: {failed}") from failed
-            raise failed
-        async with self._lock:
-            return await asyncio.to_thread(self._mounts, snap)
+        await self.lowers.release_unused(held.id)  # unless someone else stacks on it
+        if isinstance(failed, KataIpuError | OSError) and not isinstance(failed,
+                                                                          FailedPrecondition):
+            raise Unavailable(f"snapshot {key!r} stacks on {image.reference} (its first "
+                              f"{image.layers} layers), whose files are on the IPU, and the "
+                              f"IPU could not give them: {failed}") from failed
+        raise failed
+
+    def _finish_on_lower(self, snap: Snapshot, parent: Snapshot, lower_id: int,
+                         image: RemoteImage) -> list[Mount]:
+        """Directly on the remote chain: the upper dir owned as the image's root is (as
+        containerd's overlayfs does from the parent's), and the hint the shim proxy reads."""
+        assert self.lowers is not None
+        if parent.remote is not None:
+            root = os.stat(self.lowers.mountpoint(lower_id))
+            os.lchown(self.fs_path(snap), root.st_uid, root.st_gid)
+            self._hint(snap, lower_id, image)
+        return self._mounts(snap)
 
     def _hint(self, snap: Snapshot, lower_id: int, image: RemoteImage) -> None:
         split = chain.split_backend_key(snap.name)
@@ -295,16 +326,25 @@ class Snapshotter:
 
     # ------------------------------------------------------------------ the rest
     async def mounts(self, key: str) -> list[Mount]:
-        snap = await self._get(key)
-        if snap.kind not in (Kind.ACTIVE, Kind.VIEW):
-            raise FailedPrecondition(f"snapshot {key!r} is not active or view")
-        if snap.lower is not None and self.lowers is not None:
-            lower = await asyncio.to_thread(self.store.get_lower, snap.lower)
-            if lower is not None:
-                async with self.lowers.hold(lower.image) as held:
-                    await self.lowers.ensure(held)  # again, after a restart or an unmount
-        async with self._lock:
-            return await asyncio.to_thread(self._mounts, await self._get(key))
+        def look() -> tuple[Snapshot, list[Mount] | None, Lower | None]:
+            snap = self.store.get(key)
+            if snap is None:
+                raise NotFound(f"snapshot {key!r} does not exist")
+            if snap.kind not in (Kind.ACTIVE, Kind.VIEW):
+                raise FailedPrecondition(f"snapshot {key!r} is not active or view")
+            if snap.lower is not None and self.lowers is not None:
+                lower = self.store.get_lower(snap.lower)
+                if lower is not None and not self.lowers.mounted(lower):
+                    return snap, None, lower
+            return snap, self._mounts(snap), None
+
+        snap, mounts, lower = await asyncio.to_thread(look)
+        if mounts is not None:
+            return mounts
+        assert lower is not None and self.lowers is not None
+        async with self.lowers.hold(lower.image) as held:  # again, after a restart or so
+            await self.lowers.ensure(held)
+        return await asyncio.to_thread(self._mounts, snap)
 
     async def commit(self, name: str, key: str, labels: dict[str, str]) -> None:
         async with self._lock:
@@ -331,15 +371,34 @@ class Snapshotter:
         task.add_done_callback(self._background.discard)
 
     async def _release_lower(self, lower_id: int) -> None:
+        """Release a lower nothing stacks on any more, ``lower_linger`` seconds from now: a
+        job's next container, a function scaled back up from zero, finds it still mounted
+        (re-making it costs an IPU clone, an export and a mount on the container's path)."""
         if self.lowers is None:
             return
+        if self.lower_linger > 0:
+            old = self._lingering.pop(lower_id, None)
+            if old is not None:
+                old.cancel()
+            self._lingering[lower_id] = asyncio.get_running_loop().call_later(
+                self.lower_linger, lambda: self._later(self._release_now(lower_id)))
+            return
+        await self._release_now(lower_id)
+
+    async def _release_now(self, lower_id: int) -> None:
+        self._lingering.pop(lower_id, None)
+        assert self.lowers is not None
         try:
             await self.lowers.release_unused(lower_id)
         except (KataIpuError, OSError) as exc:
             log.warning("lower %s not released (the next start retries): %s", lower_id, exc)
 
     async def drain(self) -> None:
-        """Wait for the work :meth:`_later` started (before the process exits)."""
+        """Wait for the work :meth:`_later` started (before the process exits). Lingering
+        lowers stay mounted: the next start releases those nothing uses."""
+        for timer in self._lingering.values():
+            timer.cancel()
+        self._lingering.clear()
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 

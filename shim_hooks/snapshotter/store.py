@@ -71,6 +71,10 @@ _SNAP_COLS = ("id, name, kind, parent, labels, created, updated, depth, remote_r
 _LOWER_COLS = "id, manifest, layers, total, reference, volume, state, device, fstype, options"
 
 
+class LowerNotReady(Exception):
+    """The lower is not MOUNTED (new, or being released): take the slow path, which waits."""
+
+
 @dataclass(frozen=True, slots=True)
 class Lower:
     """The IPU's clone of one base, exported to the host and mounted read-only."""
@@ -98,6 +102,12 @@ def _lower(row: tuple[Any, ...]) -> Lower:
                  tuple(json.loads(row[9])))
 
 
+def _find_lower(db: sqlite3.Connection, image: RemoteImage) -> Lower | None:
+    row = db.execute(f"SELECT {_LOWER_COLS} FROM lowers WHERE manifest=? AND layers=?",
+                     (image.manifest, image.layers)).fetchone()
+    return _lower(row) if row else None
+
+
 class MetaStore:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -120,6 +130,11 @@ class MetaStore:
         with self._lock:
             self._db.close()
 
+    def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """One consistent read (autocommit SELECTs in WAL mode take no write lock)."""
+        with self._lock:
+            return fn(self._db)
+
     def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -137,19 +152,25 @@ class MetaStore:
             row = db.execute(f"SELECT {_SNAP_COLS} FROM snapshots WHERE name=?",
                              (name,)).fetchone()
             return _snapshot(row) if row else None
-        return self._tx(tx)
+        return self._read(tx)
 
     def children(self, name: str) -> int:
-        return self._tx(lambda db: int(db.execute(
+        return self._read(lambda db: int(db.execute(
             "SELECT COUNT(*) FROM snapshots WHERE parent=?", (name,)).fetchone()[0]))
 
     def create(self, kind: Kind, name: str, parent: str, labels: dict[str, str], depth: int,
-               *, remote: RemoteImage | None = None, lower: int | None = None) -> Snapshot:
+               *, remote: RemoteImage | None = None, lower: int | None = None,
+               lower_mounted: bool = False) -> Snapshot:
+        """``lower_mounted``: only if the lower is MOUNTED (else :class:`LowerNotReady`), in
+        the same transaction — a release claims it in one too (:meth:`claim_release`)."""
         now = time.time()
 
         def tx(db: sqlite3.Connection) -> Snapshot:
             if db.execute("SELECT 1 FROM snapshots WHERE name=?", (name,)).fetchone():
                 raise AlreadyExists(f"snapshot {name!r} already exists")
+            if lower_mounted and db.execute("SELECT state FROM lowers WHERE id=?",
+                                            (lower,)).fetchone() != ("mounted",):
+                raise LowerNotReady(lower)
             cur = db.execute(
                 "INSERT INTO snapshots(name, kind, parent, labels, created, updated, depth, "
                 "remote_ref, remote_manifest, remote_layers, remote_total, lower) "
@@ -192,7 +213,7 @@ class MetaStore:
         return self._tx(tx)
 
     def all(self) -> list[Snapshot]:
-        return self._tx(lambda db: [_snapshot(r) for r in db.execute(
+        return self._read(lambda db: [_snapshot(r) for r in db.execute(
             f"SELECT {_SNAP_COLS} FROM snapshots ORDER BY id")])
 
     def find_remote(self, target: str, parent: str) -> Snapshot | None:
@@ -203,23 +224,29 @@ class MetaStore:
         return None
 
     def all_remote(self) -> list[Snapshot]:
-        return self._tx(lambda db: [_snapshot(r) for r in db.execute(
+        return self._read(lambda db: [_snapshot(r) for r in db.execute(
             f"SELECT {_SNAP_COLS} FROM snapshots WHERE remote_ref IS NOT NULL ORDER BY id")])
 
     def remote_uses(self, manifest: str) -> int:
         """Remote snapshots holding layers of image ``manifest``."""
-        return self._tx(lambda db: int(db.execute(
+        return self._read(lambda db: int(db.execute(
             "SELECT COUNT(*) FROM snapshots WHERE remote_manifest=?",
             (manifest,)).fetchone()[0]))
 
     # ------------------------------------------------------------------ lowers
+    def find_lower(self, image: RemoteImage) -> Lower | None:
+        return self._read(lambda db: _find_lower(db, image))
+
     def lower_for(self, image: RemoteImage, volume: str) -> Lower:
         """The lower of (image, its first k layers), recorded as MOUNTING if new."""
+        found = self.find_lower(image)
+        if found is not None:
+            return found
+
         def tx(db: sqlite3.Connection) -> Lower:
-            row = db.execute(f"SELECT {_LOWER_COLS} FROM lowers WHERE manifest=? AND layers=?",
-                             (image.manifest, image.layers)).fetchone()
-            if row:
-                return _lower(row)
+            again = _find_lower(db, image)
+            if again is not None:
+                return again
             cur = db.execute(
                 "INSERT INTO lowers(manifest, layers, total, reference, volume, state, "
                 "created) VALUES (?,?,?,?,?,?,?)",
@@ -233,10 +260,10 @@ class MetaStore:
             row = db.execute(f"SELECT {_LOWER_COLS} FROM lowers WHERE id=?",
                              (lower_id,)).fetchone()
             return _lower(row) if row else None
-        return self._tx(tx)
+        return self._read(tx)
 
     def lowers(self) -> list[Lower]:
-        return self._tx(lambda db: [_lower(r) for r in db.execute(
+        return self._read(lambda db: [_lower(r) for r in db.execute(
             f"SELECT {_LOWER_COLS} FROM lowers ORDER BY id")])
 
     def set_lower(self, lower_id: int, state: str, device: str = "", fstype: str = "",
@@ -248,7 +275,22 @@ class MetaStore:
     def delete_lower(self, lower_id: int) -> None:
         self._tx(lambda db: db.execute("DELETE FROM lowers WHERE id=?", (lower_id,)))
 
+    def claim_release(self, lower_id: int) -> Lower | None:
+        """The lower, now RELEASING, if no snapshot stacks on it (checked and set in one
+        transaction, so no snapshot can be created on it in between); else None."""
+        def tx(db: sqlite3.Connection) -> Lower | None:
+            if db.execute("SELECT 1 FROM snapshots WHERE lower=? LIMIT 1",
+                          (lower_id,)).fetchone():
+                return None
+            row = db.execute(f"SELECT {_LOWER_COLS} FROM lowers WHERE id=?",
+                             (lower_id,)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE lowers SET state='releasing' WHERE id=?", (lower_id,))
+            return _lower(row)
+        return self._tx(tx)
+
     def lower_users(self, lower_id: int) -> int:
         """Active and view snapshots whose mounts stack on the lower."""
-        return self._tx(lambda db: int(db.execute(
+        return self._read(lambda db: int(db.execute(
             "SELECT COUNT(*) FROM snapshots WHERE lower=?", (lower_id,)).fetchone()[0]))

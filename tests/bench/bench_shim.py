@@ -45,6 +45,7 @@ from kata_ipu.testing.containerd import Containerd
 from kata_ipu.testing.daemon import IpuDaemon
 from kata_ipu.testing.ocibuild import LayerBuilder, OciLayout, busybox_tree
 from kata_ipu.testing.registry import RegistryServer, push
+from kata_ipu.testing.shimd import ShimServer
 
 ANN = "io.katacontainers.ipu.image"
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,24 +119,21 @@ def containerd(work: Path, name: str, env: dict[str, str],
         subprocess.run(["umount", "-l", str(state)], check=False, capture_output=True)
 
 
+def native_launcher(directory: Path) -> Path:
+    """``directory``, holding the native launcher as ``containerd-shim-kata-ipu-v2``
+    (scripts/build-launcher), to put first on containerd's PATH."""
+    subprocess.run([str(ROOT / "scripts" / "build-launcher"),
+                    str(directory / "containerd-shim-kata-ipu-v2"),
+                    str(BIN / "containerd-shim-kata-ipu-v2")], check=True, capture_output=True)
+    return directory
+
+
 @contextlib.contextmanager
 def shim_server(work: Path, env: dict[str, str]) -> Iterator[Path]:
     """kata-ipu-shimd with the shims' configuration (``env``), as on a host where both read
     /etc/kata-ipu/shim.toml."""
-    sock = work / "shimd.sock"
-    with open(work / "shimd.log", "ab") as log:
-        proc = subprocess.Popen([str(BIN / "kata-ipu-shimd"), "--socket", str(sock)],
-                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
-    try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((work / "shimd.log").read_text())
-            time.sleep(0.05)
-        yield sock
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with ShimServer(work, env, log_level="info") as server:
+        yield server.socket
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,11 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         for d in ("reg", "ipud"):
             (work / d).mkdir()
-        native = work / "native"
-        subprocess.run([str(ROOT / "scripts" / "build-launcher"),
-                        str(native / "containerd-shim-kata-ipu-v2"),
-                        str(BIN / "containerd-shim-kata-ipu-v2")], check=True,
-                       capture_output=True)
+        native = native_launcher(work / "native")
         with RegistryServer(work / "reg") as reg:
             layout = OciLayout(work / "oci")
             base = LayerBuilder().tree(busybox_tree(work / "tree")).build()

@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 
 from kata_ipu.testing.containerd import Containerd
-from kata_ipu.testing.gosnap import GOCODE, build_snapshot_suite, parse_results, run_snapshot_suite
-from kata_ipu.testing.prereq import require_programs, require_root
+from kata_ipu.testing.gosnap import parse_results, run_snapshot_suite
 
 SUBTESTS = frozenset({
     "Basic", "StatActive", "StatComitted", "TransitivityTest", "PreareViewFailingtest",
@@ -37,16 +36,6 @@ SKIPPED = frozenset({"Rename"})
 def _summary(result: object) -> str:
     output = getattr(result, "output", "")
     return output[-6000:]
-
-
-@pytest.fixture(scope="module")
-def suite() -> Path:
-    require_root()
-    require_programs("go", "containerd")
-    if not Path(GOCODE, "src/github.com/containerd/containerd/snapshots/testsuite").is_dir():
-        pytest.skip("containerd's Go sources missing: install "
-                    "golang-github-containerd-containerd-dev (run scripts/bootstrap)")
-    return build_snapshot_suite()
 
 
 @pytest.fixture

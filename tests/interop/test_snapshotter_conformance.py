@@ -17,27 +17,11 @@ from pathlib import Path
 import pytest
 
 from kata_ipu.testing.containerd import Containerd
-from kata_ipu.testing.gosnap import GOCODE, build_snapshot_suite, run_snapshot_suite
-from kata_ipu.testing.prereq import require_programs, require_root
+from kata_ipu.testing.gosnap import run_snapshot_suite
 from kata_ipu.testing.snapshotter import SnapshotterProcess
-from tests.interop.test_gosnapsuite_harness import SKIPPED, SUBTESTS
+from tests.interop.test_gosnapsuite_harness import SKIPPED, SUBTESTS, _mounts_under
 
 SNAPSHOTTER = str(Path(sys.executable).with_name("kata-ipu-snapshotter"))
-
-
-@pytest.fixture(scope="module")
-def suite() -> Path:
-    require_root()
-    require_programs("go", "containerd")
-    if not Path(GOCODE, "src/github.com/containerd/containerd/snapshots/testsuite").is_dir():
-        pytest.skip("containerd's Go sources missing: install "
-                    "golang-github-containerd-containerd-dev (run scripts/bootstrap)")
-    return build_snapshot_suite()
-
-
-def _mounts_under(prefix: str) -> list[str]:
-    return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
-            if line.split()[4].startswith(prefix)]
 
 
 def _check(result: object) -> None:

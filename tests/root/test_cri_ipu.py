@@ -14,13 +14,13 @@ listings (what the IPU holds).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
-import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,10 @@ from kata_ipu.testing.daemon import IpuDaemon
 from kata_ipu.testing.ocibuild import LayerBuilder, OciLayout, busybox_tree
 from kata_ipu.testing.prereq import require_programs, require_root
 from kata_ipu.testing.registry import RegistryServer, push
+from kata_ipu.testing.shimd import ShimServer
 from kata_ipu.testing.snapshotter import SnapshotterProcess
+from kata_ipu.testing.wait import until
+from shim_hooks.shim import PROXY_NAME
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CLI = str(Path(sys.executable).with_name("kata-ipu"))
@@ -49,6 +52,7 @@ class Env:
     reg: RegistryServer
     ipud: IpuDaemon
     sn: SnapshotterProcess
+    shimd: ShimServer
     node: CriNode
     layout: OciLayout
     base: bytes
@@ -124,20 +128,23 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         shim_config = work / "shim.toml"
         shim_config.write_text(f'socket_dir = "{work}/s"\nsnapshotter_root = "{sn.root}"\n'
                                f'[runtime]\nstate_dir = "{work}/runtime-state"\n')
+        shims = {"KATA_IPU_ADDRESS": ipud.address, "KATA_IPU_SHIM_CONFIG": str(shim_config)}
+        shimd = ShimServer(work, shims)  # the fast start path, as on a node (ADR 0004)
         node = CriNode(work / "node", registry=reg.address, sandbox_image=pause,
                        snapshotter="ipu", proxy_plugins={"ipu": sn.socket},
                        runtimes_toml=_handler("kata-ipu-runc") + _handler("kata-ipu-runtime"),
-                       env={"KATA_IPU_ADDRESS": ipud.address, "KATA_IPU_SHIM_SERVER": "",
-                            "KATA_IPU_SHIM_CONFIG": str(shim_config)})
-        e = Env(work, reg, ipud, sn, node, layout, base)
+                       env={**shims, "KATA_IPU_SHIM_SERVER": str(shimd.socket)})
+        e = Env(work, reg, ipud, sn, shimd, node, layout, base)
         e.push("v1", LayerBuilder().file("etc/motd", MOTD_V1).build())
         try:
             ipud.start()
             sn.start()
+            shimd.start()
             node.start()
             yield e
         finally:
             node.teardown()
+            shimd.stop()
             sn.teardown()
             ipud.teardown()
             assert not mounts_under(work), "mounts left behind"
@@ -145,20 +152,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 if b.read_text().strip().startswith(str(work))], "loop devices leaked"
 
 
-def _eventually(check: Callable[[], bool], timeout: float = 20.0) -> bool:
-    """True once ``check()`` is (snapshot removals reach the backend through containerd's
-    garbage collection, and the snapshotter then releases lowers and images in the
-    background)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
-
-
 def _collect(env: Env) -> None:
-    """Run containerd's garbage collection now and wait for it. Its scheduler drops a
+    """Run containerd's garbage collection now and wait for it (snapshot removals reach
+    the backend only through it; the snapshotter then releases lowers and images in the
+    background, hence the ``until`` after it). Its scheduler drops a
     deletion it sees after a collection that started before it (gc/scheduler: an event older
     than the last collection's end is ignored), so a removed snapshot can wait for the next
     unrelated deletion; deleting a lease synchronously collects at once."""
@@ -171,11 +168,32 @@ def nothing_leaks(env: Env) -> Iterator[None]:
     yield
     assert env.node.remove_all() == []
     assert env.cri.list_pod_sandboxes() == []
+    assert until(lambda: not _shims(env)), f"shims left: {_shims(env)}"
     _collect(env)
-    assert _eventually(lambda: not env.sn.mounts()), (
+    assert until(lambda: not env.sn.mounts()), (
         f"lowers still mounted: {env.sn.mounts()}\n{env.sn.log_text()[-6000:]}")
     assert env.volumes() == [], "IPU volumes leaked"
     assert not mounts_under(env.node.ctd.state), "bundle mounts leaked"
+
+
+def _shims(env: Env) -> list[str]:
+    """Shim processes of this node: containerd passes its own socket to every shim it starts
+    (``-address``), and kata-ipu-shimd's spares that became proxies are its children."""
+    address = str(env.node.ctd.socket).encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if address in argv and b"-address" in argv:
+                found.append(f"{proc.name}: {b' '.join(argv[:2]).decode(errors='replace')}")
+    for pid in env.shimd.children():  # spares that became proxies (ADR 0004)
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/comm").read_text().strip() == PROXY_NAME:
+                found.append(f"{pid}: {PROXY_NAME}")
+    return found
 
 
 def _pod(env: Env, name: str) -> PodSpec:
@@ -276,6 +294,10 @@ def test_kata_ipu_pods_get_a_clone_each_of_exactly_the_pulled_image(env: Env) ->
             assert env.cri.exec_sync(cid, ["cat", "/etc/motd"]).stdout == MOTD_V1
             devices[cid] = source
     assert len(set(devices.values())) == 4
+    # every app container joined its pod's proxy (no delegate start ran for it), and its
+    # rootfs was prepared on Expect
+    joined = env.node.log_text().count("joined the proxy of the container's group")
+    assert joined >= 4, joined
     clones = [v for v in env.volumes() if not str(v["container_id"]).startswith("snap-")]
     assert len(clones) == 4
     assert {str(v["image"]) for v in clones} == {str(clones[0]["image"])}
@@ -347,7 +369,7 @@ def test_removing_the_image_releases_it_on_the_ipu(env: Env) -> None:
     assert any(i["name"] == f"{env.reg.address}/cri/app@{digest}" for i in env.ipu_images())
     env.cri.remove_image(env.ref("gone"))
     _collect(env)
-    assert _eventually(lambda: not any(str(i["name"]).endswith(digest)
+    assert until(lambda: not any(str(i["name"]).endswith(digest)
                                        for i in env.ipu_images()))
     assert "removed from the IPU" in env.sn.log_text()
 

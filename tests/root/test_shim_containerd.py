@@ -9,6 +9,7 @@ daemon's volume list say whether anything was left behind.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -30,6 +31,7 @@ from kata_ipu.testing.daemon import IpuDaemon
 from kata_ipu.testing.ocibuild import LayerBuilder, OciLayout, busybox_tree
 from kata_ipu.testing.prereq import require_programs, require_root
 from kata_ipu.testing.registry import RegistryServer, push
+from shim_hooks import shim
 
 RUNTIME = "io.containerd.kata-ipu.v2"
 IMAGE_ANN = "io.katacontainers.ipu.image"
@@ -444,6 +446,15 @@ def test_a_pods_containers_share_one_proxy_and_each_gets_its_own_rootfs(env: Env
     state = ctd.state / "io.containerd.runtime.v2.task" / ctd.namespace
     addresses = {(state / c / "address").read_text() for c in pids}
     assert len(addresses) == 1, addresses
+    # ...and the runc shim's own start answered for the app containers what kata-ipu-shimd
+    # computes to join a group without running it (containerd's shim.SocketAddress)
+    args = argparse.Namespace(address=str(ctd.socket), namespace=ctd.namespace)
+    for app in ("pod1-a", "pod1-b"):
+        record = json.loads((state / app / "kata-ipu-shim.json").read_text())
+        spec = json.loads((state / app / "config.json").read_text())
+        assert shim.group_delegate_address(args, spec, app) == record["delegate_address"]
+    assert shim.group_delegate_address(args, json.loads((state / "pod1" / "config.json")
+                                                        .read_text()), "pod1") is None
     assert len(_proxies(ctd.namespace)) == 1
     # ...and exactly one Prepare per app container (none made and thrown away at start)
     assert env.metric("kata_ipu_prepare_seconds_count") - before == 2

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from kata_ipu.testing.daemon import IpuDaemon
 from kata_ipu.testing.ocibuild import LayerBuilder, OciLayout, busybox_tree
 from kata_ipu.testing.prereq import require_programs, require_root
 from kata_ipu.testing.registry import RegistryServer, push
+from kata_ipu.testing.shimd import ShimServer
 from shim_hooks import handoff
 from shim_hooks.shim import PROXY_NAME
 from tests.root.test_shim_containerd import _root_mount, _task, _wait_status, run_pod, stop_pod
@@ -53,53 +54,20 @@ def slow_exit(command: str) -> tuple[str, str, str]:
     return ("sh", "-c", f"{command}; sleep 0.2")
 
 
-class Server:
+class Server(ShimServer):
     """kata-ipu-shimd on a private socket, with limits that differ from containerd's."""
 
     def __init__(self, work: Path) -> None:
-        self.socket = work / "shimd.sock"
-        self.log = work / "shimd.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(work)
 
-    def start(self, *extra: str, env: dict[str, str] | None = None) -> Server:
+    def start(self, *extra: str, env: Mapping[str, str] | None = None,
+              preexec: Callable[[], None] | None = None, timeout: float = 30) -> Server:
         def limits() -> None:
             hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
             resource.setrlimit(resource.RLIMIT_CORE, (SERVER_CORE_SOFT, hard))
 
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [SERVER, "--socket", str(self.socket), "--log-level", "debug", *extra],
-                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                preexec_fn=limits)  # noqa: PLW1509 - only the main thread forks here
-        deadline = time.monotonic() + 30
-        while not self.serving():
-            assert self.proc.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline, "kata-ipu-shimd did not start"
-            time.sleep(0.05)
+        super().start(*extra, env=env, preexec=preexec or limits, timeout=timeout)
         return self
-
-    def serving(self) -> bool:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
-            try:
-                s.connect(str(self.socket))
-            except OSError:
-                return False
-            return True
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def children(self) -> list[int]:
-        return [int(p) for p in Path(f"/proc/{self.pid}/task/{self.pid}/children")
-                .read_text().split()]
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(30)
-        self.proc = None
 
 
 class Env:

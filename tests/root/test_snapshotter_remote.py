@@ -14,7 +14,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from kata_ipu.testing.ocibuild import LayerBuilder
 from kata_ipu.testing.prereq import require_programs, require_root
 from kata_ipu.testing.registry import RegistryServer
 from kata_ipu.testing.snapshotter import SnapshotterProcess
+from kata_ipu.testing.wait import until
 from shim_hooks.snapshotter.model import chain_id
 from shim_hooks.snapshotter.proto import snapshots_pb2 as pb
 
@@ -138,16 +139,6 @@ def _ipu(d: IpuDaemon, *args: str) -> list[dict[str, object]]:
     return data
 
 
-def _until(check: Callable[[], bool], timeout: float = 10.0) -> bool:
-    """The snapshotter releases lowers and images after Remove has answered."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
 def _mount_and_read(mounts: pb.MountsResponse, target: Path) -> bytes:
     [m] = mounts.mounts
     target.mkdir(exist_ok=True)
@@ -191,11 +182,42 @@ def test_a_container_on_a_remote_chain_survives_kill_9_and_a_lost_mount(
             assert _mount_and_read(api.mounts("k8s.io/9/c1"), tmp_path / "c1") == MOTD
 
             api.remove("k8s.io/9/c1")
-            assert _until(lambda: mount_source(lowerdir) is None and not [
+            assert until(lambda: mount_source(lowerdir) is None and not [
                 v for v in _ipu(ipud, "ls") if str(v["container_id"]).startswith("snap-")])
             for info in sorted(api.walk(), key=lambda i: -len(i.parent)):
                 api.remove(info.name)  # the top chain first: children before parents
-            assert _until(lambda: _ipu(ipud, "images") == [])  # the host's last one went
+            assert until(lambda: _ipu(ipud, "images") == [])  # the host's last one went
+        finally:
+            api.close()
+            sn.teardown()
+    assert not mounts_under(tmp_path)
+
+
+def test_an_unused_lower_lingers_for_the_next_container_then_goes(
+        registry: RegistryServer, tmp_path: Path) -> None:
+    """``lower_linger``: the image's next container finds its lower still mounted (no new
+    IPU clone, the same device), and the lower goes once nothing used it for that long."""
+    image = _image(registry)
+    with running(tmp_path / "ipud", pool_size="2G",
+                 insecure_registries=(registry.address,)) as ipud:
+        sn = SnapshotterProcess(tmp_path / "sn", ipu_address=ipud.address, lower_linger=2.0)
+        sn.start()
+        api = Api(sn.socket)
+        try:
+            top = _pull(api, image, "k8s.io")
+
+            def lowers() -> list[dict[str, object]]:
+                return [v for v in _ipu(ipud, "ls") if str(v["container_id"]).startswith("snap-")]
+
+            api.prepare("k8s.io/1/c1", top)
+            [first] = lowers()
+            api.remove("k8s.io/1/c1")
+            time.sleep(0.5)
+            assert lowers() == [first] and len(sn.mounts()) == 1  # lingering
+            api.prepare("k8s.io/2/c2", top)  # the next container takes it as it is
+            assert lowers() == [first]
+            api.remove("k8s.io/2/c2")
+            assert until(lambda: not lowers() and not sn.mounts(), timeout=15)
         finally:
             api.close()
             sn.teardown()

@@ -1,0 +1,20 @@
+"""Fixtures of the interop tier shared by its modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kata_ipu.testing.gosnap import GOCODE, build_snapshot_suite
+from kata_ipu.testing.prereq import require_programs, require_root
+
+
+@pytest.fixture(scope="module")
+def suite() -> Path:
+    require_root()
+    require_programs("go", "containerd")
+    if not Path(GOCODE, "src/github.com/containerd/containerd/snapshots/testsuite").is_dir():
+        pytest.skip("containerd's Go sources missing: install "
+                    "golang-github-containerd-containerd-dev (run scripts/bootstrap)")
+    return build_snapshot_suite()
