@@ -451,3 +451,24 @@ def test_host_cost_of_a_pull_with_and_without_the_ipu_snapshotter(env: Env) -> N
     # what containerd writes besides the layers (its bolt database's pages, about 1 MB a pull
     # here, in both modes) is independent of the image's size: no copy of any layer is written
     assert ctd.write_bytes + sn.write_bytes < without.write_bytes / 20, (ctd, sn)
+
+
+def test_a_docker_schema2_image_is_served_by_the_digest_containerd_resolved(env: Env) -> None:
+    """The IPU stores a Docker schema2 manifest in its OCI form (another digest); everything
+    still goes by the registry's digest, which is what containerd resolved and labelled."""
+    env.layout.add_image([env.base, LayerBuilder().file("etc/motd", b"schema2\n").build()],
+                         ref="docker")
+    push(env.work / "oci", "docker", env.ref("docker"), preserve_digests=False,
+         extra=("--format", "v2s2"))
+    env.cri.pull_image(env.ref("docker"))
+    manifest = env.manifest(env.ref("docker"))
+    assert manifest["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
+    assert not {layer["digest"] for layer in manifest["layers"]} & set(env.blobs())
+    registry_digest = _ipu_digest(env, "docker")
+    [img] = [i for i in env.ipu_images() if str(i["name"]).endswith(registry_digest)]
+    assert img["digest"] != registry_digest  # the IPU's OCI form
+    for handler in ("", "kata-ipu-runc"):
+        pod_id, [cid] = _run(env, _pod(env, f"schema2{handler}"), env.ref("docker"), handler)
+        assert env.cri.exec_sync(cid, ["cat", "/etc/motd"]).stdout == b"schema2\n", handler
+        assert _root(env, cid)[1] == ("ext4" if handler else "overlay"), handler
+        _stop(env, pod_id)
