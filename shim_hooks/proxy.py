@@ -301,6 +301,7 @@ class TaskProxy:
         self.early: dict[str, EarlyPrepare] = dict(early or {})
         self.on_delegate_pid: Callable[[int], None] | None = None
         self._tasks: set[asyncio.Future[None]] = set()
+        self._created: set[str] = set()  # containers whose Create has come (until Delete)
 
     async def close(self) -> None:
         """Release what was prepared for a ``Create`` that never came."""
@@ -309,18 +310,25 @@ class TaskProxy:
             await e.release_async()
 
     async def expect(self, ctx: CallContext, payload: bytes) -> bytes:
-        """A container of this proxy's group is about to be created: prepare its rootfs."""
+        """A container of this proxy's group is about to be created: prepare its rootfs
+        (after this answer: the caller, a start on containerd's path, waits for it)."""
         cid, bundle = decode_id_request(payload)
         namespace = ctx.metadata.first(NAMESPACE_KEY) or self.namespace
-        if cid and bundle and cid not in self.early:
-            with jsonlog.bind(container_id=cid, namespace=namespace):
-                early = EarlyPrepare.begin(self.cfg, namespace, cid, Path(bundle),
-                                           joining=True)
-            if early is not None:
-                self.early[cid] = early
-                asyncio.get_running_loop().call_later(
-                    EXPECT_TTL, lambda: self._unclaimed(cid, early))
+        if cid and bundle:
+            asyncio.get_running_loop().call_soon(self._expected, namespace, cid, Path(bundle))
         return b""
+
+    def _expected(self, namespace: str, cid: str, bundle: Path) -> None:
+        if cid in self.early or cid in self._created:
+            return  # its Create came first (and prepares itself)
+        with jsonlog.bind(container_id=cid, namespace=namespace):
+            early = EarlyPrepare.begin(self.cfg, namespace, cid, bundle, joining=True)
+        if early is not None:
+            log.info("preparing the rootfs of an expected container",
+                     extra={"container_id": cid, "namespace": namespace})
+            self.early[cid] = early
+            asyncio.get_running_loop().call_later(EXPECT_TTL,
+                                                  lambda: self._unclaimed(cid, early))
 
     def _unclaimed(self, cid: str, early: EarlyPrepare) -> None:
         if self.early.get(cid) is early:
@@ -372,6 +380,7 @@ class TaskProxy:
         namespace = ctx.metadata.first(NAMESPACE_KEY) or self.namespace
         if self.cfg.delegate == "runc":
             payload = options_for_runc(payload)
+        self._created.add(req.id)
         with jsonlog.bind(container_id=req.id, namespace=namespace):
             early = self.early.pop(req.id, None)
             chain = find_chain(self.cfg, namespace, req.id, req.rootfs)
@@ -413,6 +422,7 @@ class TaskProxy:
         reply = await self.forward("Delete", ctx, payload)
         cid, exec_id = decode_id_request(payload)
         if not exec_id:
+            self._created.discard(cid)
             with jsonlog.bind(container_id=cid):
                 await self._release(cid)
         return reply

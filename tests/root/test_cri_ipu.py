@@ -296,8 +296,10 @@ def test_kata_ipu_pods_get_a_clone_each_of_exactly_the_pulled_image(env: Env) ->
     assert len(set(devices.values())) == 4
     # every app container joined its pod's proxy (no delegate start ran for it), and its
     # rootfs was prepared on Expect
-    joined = env.node.log_text().count("joined the proxy of the container's group")
-    assert joined >= 4, joined
+    log = env.node.log_text()
+    joined = log.count("joined the proxy of the container's group")
+    expected = log.count("preparing the rootfs of an expected container")
+    assert joined >= 4 and expected >= 4, (joined, expected)
     clones = [v for v in env.volumes() if not str(v["container_id"]).startswith("snap-")]
     assert len(clones) == 4
     assert {str(v["image"]) for v in clones} == {str(clones[0]["image"])}
