@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TypeVar
 
 from kata_ipu import api
 from kata_ipu.api import kataipu_pb2 as pb
 from kata_ipu.errors import FailedPrecondition, KataIpuError, Unavailable
 from kata_ipu.ttrpc import Client, ConnectionClosed
+from kata_ipu.ttrpc.client import Message, MessageParser
 from shim_hooks.taskapi import Mount
 
 log = logging.getLogger("shim_hooks.ipu")
@@ -25,6 +27,7 @@ log = logging.getLogger("shim_hooks.ipu")
 EXPORT_KINDS = {"host-block": pb.HOST_BLOCK, "vhost-user-blk": pb.VHOST_USER_BLK,
                 "nbd": pb.NBD, "vfio-pci": pb.VFIO_PCI}
 CONNECT_TIMEOUT = 5.0
+M = TypeVar("M")
 
 
 class IpuUnreachable(Unavailable):
@@ -138,15 +141,20 @@ async def prepare(address: str, key: str, image: str, export: str,
     return prepared
 
 
-async def release(address: str, key: str, timeout: float = 60.0) -> None:
+async def _once(address: str, service: str, method: str, req: Message, resp: MessageParser[M],
+                timeout: float, what: str) -> M:
+    """One call on a connection of its own; a refusal says ``what`` was asked."""
     client = await _connect(address)
     async with client:
         try:
-            await client.call_message(api.ROOTFS_SERVICE, "Release",
-                                      pb.ReleaseRequest(container_id=key),
-                                      pb.ReleaseResponse, timeout=timeout)
+            return await client.call_message(service, method, req, resp, timeout=timeout)
         except KataIpuError as exc:
-            raise _refused(f"Release of {key}", exc) from None
+            raise _refused(what, exc) from None
+
+
+async def release(address: str, key: str, timeout: float = 60.0) -> None:
+    await _once(address, api.ROOTFS_SERVICE, "Release", pb.ReleaseRequest(container_id=key),
+                pb.ReleaseResponse, timeout, f"Release of {key}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,25 +169,13 @@ class Pulled:
 
 async def pull(address: str, image: str, timeout: float) -> Pulled:
     """Have the IPU pull ``image`` and build its base; returns when the base is ready."""
-    client = await _connect(address)
-    async with client:
-        try:
-            resp = await client.call_message(api.IMAGE_SERVICE, "Pull",
-                                             pb.PullRequest(image=image), pb.PullResponse,
-                                             timeout=timeout)
-        except KataIpuError as exc:
-            raise _refused(f"Pull of {image}", exc) from None
+    resp = await _once(address, api.IMAGE_SERVICE, "Pull", pb.PullRequest(image=image),
+                       pb.PullResponse, timeout, f"Pull of {image}")
     img = resp.image
     return Pulled(image, img.digest, tuple(img.layers), tuple(img.diff_ids))
 
 
 async def remove_image(address: str, image: str, timeout: float = 60.0) -> None:
     """Remove ``image`` from the IPU unless clones of it live (FAILED_PRECONDITION then)."""
-    client = await _connect(address)
-    async with client:
-        try:
-            await client.call_message(api.IMAGE_SERVICE, "Remove",
-                                      pb.RemoveImageRequest(image=image),
-                                      pb.RemoveImageResponse, timeout=timeout)
-        except KataIpuError as exc:
-            raise _refused(f"Remove of {image}", exc) from None
+    await _once(address, api.IMAGE_SERVICE, "Remove", pb.RemoveImageRequest(image=image),
+                pb.RemoveImageResponse, timeout, f"Remove of {image}")
