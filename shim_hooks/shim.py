@@ -254,11 +254,15 @@ def delegate_started(d: Delegate, output: str, rc: int) -> Launched:
     return Launched(address, listen, delegate_address, shim_record, None, grouped)
 
 
-def record_started(d: Delegate, launched: Launched) -> None:
+def write_records(bundle: Path, launched: Launched) -> None:
     """Write down, in the bundle, what the ``delete`` action needs after a dead shim (the
     shim record) and the address the delegate's own cleanup removes (ours, not its own)."""
-    bundles.write_json(d.bundle / bundles.SHIM_RECORD, launched.record)
-    (d.bundle / "address").write_text(launched.address)
+    bundles.write_json(bundle / bundles.SHIM_RECORD, launched.record)
+    (bundle / "address").write_text(launched.address)
+
+
+def record_started(d: Delegate, launched: Launched) -> None:
+    write_records(d.bundle, launched)
     log.info("delegate started", extra={"address": launched.address,
                                         "delegate_seconds": round(time.monotonic() - d.t0, 6)})
 
@@ -342,7 +346,10 @@ def serve_in_place(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options
         joined = await join_group(args, plan)
         if joined is not None:
             report(joined.address)
-            record_joined(plan, joined)
+            try:
+                write_records(plan.bundle, joined)
+            except OSError as exc:
+                log.error("cannot record the delegate in the bundle: %s", exc)
             return
         # the delegate's own start is the longest step of this one: it goes first, and the
         # IPU's Prepare and the proxy's socket are set up while it runs
@@ -427,14 +434,6 @@ async def join_group(args: argparse.Namespace, plan: DelegatePlan) -> Launched |
         "delegate_address": delegate_address, "address": address, "ipu_address": cfg.address}
     log.info("joined the proxy of the container's group", extra={"address": address})
     return Launched(address, listen, delegate_address, record, None, True)
-
-
-def record_joined(plan: DelegatePlan, launched: Launched) -> None:
-    try:  # as record_started, for a start that ran no delegate
-        bundles.write_json(plan.bundle / bundles.SHIM_RECORD, launched.record)
-        (plan.bundle / "address").write_text(launched.address)
-    except OSError as exc:
-        log.error("cannot record the delegate in the bundle: %s", exc)
 
 
 def _fork_proxy(serve: Callable[[Callable[[], None]], int]) -> None:
