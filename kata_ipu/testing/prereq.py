@@ -22,3 +22,10 @@ def require_programs(*programs: str) -> None:
 def require_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root (loop devices, mounts, real daemons)")
+
+
+def require_paths(*paths: str, package: str) -> None:
+    """Files or directories a Debian package installs (e.g. Go sources under /usr/share/gocode)."""
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        pytest.skip(f"missing {', '.join(missing)}: install {package} (run scripts/bootstrap)")

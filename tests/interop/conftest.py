@@ -7,14 +7,13 @@ from pathlib import Path
 import pytest
 
 from kata_ipu.testing.gosnap import GOCODE, build_snapshot_suite
-from kata_ipu.testing.prereq import require_programs, require_root
+from kata_ipu.testing.prereq import require_paths, require_programs, require_root
 
 
 @pytest.fixture(scope="module")
 def suite() -> Path:
     require_root()
     require_programs("go", "containerd")
-    if not Path(GOCODE, "src/github.com/containerd/containerd/snapshots/testsuite").is_dir():
-        pytest.skip("containerd's Go sources missing: install "
-                    "golang-github-containerd-containerd-dev (run scripts/bootstrap)")
+    require_paths(f"{GOCODE}/src/github.com/containerd/containerd/snapshots/testsuite",
+                  package="golang-github-containerd-containerd-dev")
     return build_snapshot_suite()
