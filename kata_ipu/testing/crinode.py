@@ -44,6 +44,7 @@ import os
 import stat
 import tempfile
 import time
+import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,21 @@ def cri_config(workdir: Path, *, sandbox_image: str, certs_d: Path,
         lines += [f"[proxy_plugins.{_toml_str(name)}]", '  type = "snapshot"',
                   f"  address = {_toml_str(address)}"]
     return "\n".join(lines) + "\n" + runtimes_toml + ("\n" if runtimes_toml else "")
+
+
+def snippet_handler(snippet: Path, name: str) -> str:
+    """Runtime handler ``name`` of a containerd config snippet (configs/containerd/*.toml),
+    as its text stands there (its table and options table, up to the next blank line): what a
+    node operator merges, not a copy of it."""
+    text = snippet.read_text()
+    runtimes = tomllib.loads(text)["plugins"]["io.containerd.grpc.v1.cri"]["containerd"][
+        "runtimes"]
+    if name not in runtimes:
+        raise KeyError(f"{snippet}: no runtime handler {name!r}")
+    start = text.index(f"runtimes.{name}]")
+    block = text[text.rindex("\n", 0, start) + 1:]
+    end = block.find("\n\n")
+    return block if end < 0 else block[:end + 1]
 
 
 class CriNode:

@@ -38,13 +38,18 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kata_ipu.testing.cri import ContainerSpec, PodSpec
-from kata_ipu.testing.crinode import CriNode, HostCost, host_cost, publish_pause_image
+from kata_ipu.testing.crinode import (
+    CriNode,
+    HostCost,
+    host_cost,
+    publish_pause_image,
+    snippet_handler,
+)
 from kata_ipu.testing.daemon import IpuDaemon
 from kata_ipu.testing.registry import RegistryServer, push
 from kata_ipu.testing.snapshotter import SnapshotterProcess
@@ -62,13 +67,8 @@ def _proc_cpu(pid: int) -> float:
 
 
 def _handler(name: str) -> str:
-    text = (ROOT / "configs" / "containerd" / "kata-ipu-1.6.toml").read_text()
-    assert name in tomllib.loads(text)["plugins"]["io.containerd.grpc.v1.cri"]["containerd"][
-        "runtimes"]
-    start = text.index(f"runtimes.{name}]")
-    block = text[text.rindex("\n", 0, start) + 1:]
-    end = block.find("\n\n")
-    return block if end < 0 else block[:end + 1]
+    """The shipped containerd 1.6 snippet's handler ``name``, as it is."""
+    return snippet_handler(ROOT / "configs" / "containerd" / "kata-ipu-1.6.toml", name)
 
 
 @dataclass

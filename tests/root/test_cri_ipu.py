@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,13 @@ import pytest
 
 from kata_ipu.block.fsutil import mounts_under
 from kata_ipu.testing.cri import ContainerSpec, CriClient, CriError, PodSpec
-from kata_ipu.testing.crinode import CRI_NAMESPACE, CriNode, host_cost, publish_pause_image
+from kata_ipu.testing.crinode import (
+    CRI_NAMESPACE,
+    CriNode,
+    host_cost,
+    publish_pause_image,
+    snippet_handler,
+)
 from kata_ipu.testing.daemon import IpuDaemon
 from kata_ipu.testing.ocibuild import LayerBuilder, OciLayout, busybox_tree
 from kata_ipu.testing.prereq import require_programs, require_root
@@ -102,13 +107,7 @@ class Env:
 
 def _handler(name: str) -> str:
     """The shipped containerd 1.6 snippet's handler ``name``, as it is."""
-    text = (CONFIGS / "containerd" / "kata-ipu-1.6.toml").read_text()
-    cri = tomllib.loads(text)["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]
-    assert name in cri
-    start = text.index(f'runtimes.{name}]')
-    block = text[text.rindex("\n", 0, start) + 1:]
-    end = block.find("\n\n")
-    return block if end < 0 else block[:end + 1]
+    return snippet_handler(CONFIGS / "containerd" / "kata-ipu-1.6.toml", name)
 
 
 @pytest.fixture(scope="module")
