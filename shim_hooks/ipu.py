@@ -87,9 +87,15 @@ async def keep_connection(address: str) -> None:
         log.debug("no connection kept to %s: %s", address, exc)
 
 
+def has_kept(address: str) -> bool:
+    kept = _kept.get(address)
+    return kept is not None and not kept.closed
+
+
 async def drop_kept() -> None:
-    """Close kept connections no ``Prepare`` used (a start with nothing to prepare): a proxy
-    must not hold one for its container's lifetime."""
+    """Close kept connections no ``Prepare`` used: a spare's, once its start is done (the
+    proxy keeps its own for a pod's next container, made after a Create), and the proxy's
+    when it exits."""
     kept = list(_kept.values())
     _kept.clear()
     for client in kept:

@@ -78,6 +78,7 @@ Handler = Callable[[CallContext, bytes], Awaitable[bytes]]
 REMEMBER_DELAY = 0.5  # seconds to wait for containerd's Connect before asking the delegate
 PROXY_SERVICE = "kataipu.shim.v1.Proxy"
 EXPECT_TTL = 120.0  # seconds an expected container's rootfs waits for its Create
+KEEP_DELAY = 0.25  # seconds after a Create before the proxy connects ahead to kata-ipud
 
 
 @dataclass
@@ -157,16 +158,28 @@ def premounts(cfg: ShimConfig, prepared: ipu.Prepared) -> bool:
 
 
 def premount(prepared: ipu.Prepared, bundle: Path, spec: dict[str, Any]) -> None:
-    """Mount the device at ``<bundle>/rootfs``, point ``root.path`` there and have the
-    container's program read ahead (its pages are cold in a fresh clone) by a thread that
-    nothing waits for."""
+    """Mount the device at ``<bundle>/rootfs`` and point ``root.path`` there."""
     target = Path(prepared.mountpoint)
     target.mkdir(mode=0o711, exist_ok=True)
     if (spec.get("root") or {}).get("path") != "rootfs":
         bundles.set_root_path(bundle, "rootfs")
     hostmount.mount_clone(prepared.path, target, prepared.fstype, prepared.options)
-    threading.Thread(target=hostmount.prefetch_entrypoint, args=(target, spec),
-                     name="prefetch", daemon=True).start()
+
+
+def prefetch(mountpoint: str, bundle: Path) -> None:
+    """Have the container's program read ahead (its pages are cold in a fresh clone) by a
+    thread that nothing waits for. Started once the delegate's ``Create`` is done, while
+    containerd sends ``Start``: started with the mount, its lookups and reads of the fresh
+    clone competed with ``runc create`` for the two CPUs (a warm CRI start's ``runc
+    create`` took ~12 ms longer, traced with sched_process_exec; docs/benchmarks.md)."""
+    def run() -> None:
+        try:
+            spec = bundles.read_spec(bundle)
+        except KataIpuError:
+            return
+        hostmount.prefetch_entrypoint(Path(mountpoint), spec)
+
+    threading.Thread(target=run, name="prefetch", daemon=True).start()
 
 
 async def release_volume(address: str, key: str, bundle: Path, mountpoint: str,
@@ -308,6 +321,20 @@ class TaskProxy:
         early, self.early = self.early, {}
         for e in early.values():
             await e.release_async()
+        await ipu.drop_kept()
+
+    def _keep_connection(self) -> None:
+        """A pod's proxy serves its later containers too: have a connection to kata-ipud
+        open for the next ``Prepare`` (:func:`ipu.keep_connection`; a new connection costs
+        that container's start a connect and the daemon's accept). Made a moment after a
+        Create, not while its container starts."""
+        def connect() -> None:
+            if not ipu.has_kept(self.cfg.address):
+                task = asyncio.ensure_future(ipu.keep_connection(self.cfg.address))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+        asyncio.get_running_loop().call_later(KEEP_DELAY, connect)
 
     async def expect(self, ctx: CallContext, payload: bytes) -> bytes:
         """A container of this proxy's group is about to be created: prepare its rootfs
@@ -400,13 +427,16 @@ class TaskProxy:
                     return await self.forward("Create", ctx, payload)
                 log.error("%s", exc)
                 raise
+            self._keep_connection()  # for the pod's next container
             if prepared is None:  # a CRI sandbox, or an image unpacked on the host
                 return await self.forward("Create", ctx, payload)
             bundle = Path(req.bundle)
             self.volumes[req.id] = _Volume(prepared.key, bundle, prepared.mountpoint)
             try:
                 if prepared.mountpoint:  # mounted already: no mounts for the delegate
-                    return await self.forward("Create", ctx, replace_rootfs(payload, ()))
+                    reply = await self.forward("Create", ctx, replace_rootfs(payload, ()))
+                    prefetch(prepared.mountpoint, bundle)
+                    return reply
                 spec = bundles.read_spec(bundle)
                 if (spec.get("root") or {}).get("path") != "rootfs":
                     bundles.set_root_path(bundle, "rootfs")

@@ -35,7 +35,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -343,13 +343,15 @@ def serve_in_place(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options
 
     async def run() -> None:
         plan = plan_delegate(args, cfg, options)
-        joined = await join_group(args, plan)
-        if joined is not None:
+        joining = await join_group(args, plan)
+        if joining is not None:
+            joined, answered = joining
             report(joined.address)
             try:
                 write_records(plan.bundle, joined)
             except OSError as exc:
                 log.error("cannot record the delegate in the bundle: %s", exc)
+            await answered
             return
         # the delegate's own start is the longest step of this one: it goes first, and the
         # IPU's Prepare and the proxy's socket are set up while it runs
@@ -395,11 +397,17 @@ def serve_in_place(args: argparse.Namespace, cfg: shimconfig.ShimConfig, options
     return 0
 
 
-async def join_group(args: argparse.Namespace, plan: DelegatePlan) -> Launched | None:
+async def join_group(args: argparse.Namespace,
+                     plan: DelegatePlan) -> tuple[Launched, Awaitable[None]] | None:
     """A pod's later container whose group a proxy of ours serves already: that proxy's
     address, without running the delegate's ``start`` (which would only answer its own
     socket, :func:`group_delegate_address`), and the proxy told to prepare the container's
-    rootfs now (``Expect``). None: start the delegate as for a new group."""
+    rootfs now (``Expect``). The second item waits for the proxy's answer to ``Expect``: the
+    request is on the wire when this returns, so the caller reports the address first (the
+    proxy reads the request before containerd, told the address, can connect). None: start
+    the delegate as for a new group."""
+    import asyncio  # noqa: PLC0415 - preloaded by the server
+
     from kata_ipu.ttrpc import NAMESPACE_KEY, Client, Metadata  # noqa: PLC0415 - preloaded
     from shim_hooks import proxy  # noqa: PLC0415 - preloaded by the server
     from shim_hooks.taskapi import id_request  # noqa: PLC0415
@@ -420,20 +428,25 @@ async def join_group(args: argparse.Namespace, plan: DelegatePlan) -> Launched |
         client = await Client.connect(f"unix://{listen}", timeout=1.0)
     except KataIpuError:
         return None  # no proxy of ours serves the group (yet): the delegate decides
-    async with client:
-        try:
-            await client.call(proxy.PROXY_SERVICE, "Expect",
-                              id_request(args.id, str(plan.bundle)), timeout=5.0,
-                              metadata=Metadata([(NAMESPACE_KEY, args.namespace)]))
-        except KataIpuError as exc:  # an older proxy: Create prepares, as before
-            log.debug("the group's proxy does not take Expect: %s", exc)
+    expect = asyncio.ensure_future(client.call(
+        proxy.PROXY_SERVICE, "Expect", id_request(args.id, str(plan.bundle)), timeout=5.0,
+        metadata=Metadata([(NAMESPACE_KEY, args.namespace)])))
+    await asyncio.sleep(0)  # the call's first step writes the request
+
+    async def answered() -> None:
+        async with client:
+            try:
+                await expect
+            except KataIpuError as exc:  # an older proxy: Create prepares, as before
+                log.debug("the group's proxy does not take Expect: %s", exc)
+
     cfg = plan.cfg
     address = f"unix://{listen}"
     record: dict[str, object] = {
         "delegate": cfg.delegate, "delegate_binary": binary,
         "delegate_address": delegate_address, "address": address, "ipu_address": cfg.address}
     log.info("joined the proxy of the container's group", extra={"address": address})
-    return Launched(address, listen, delegate_address, record, None, True)
+    return Launched(address, listen, delegate_address, record, None, True), answered()
 
 
 def _fork_proxy(serve: Callable[[Callable[[], None]], int]) -> None:
