@@ -10,6 +10,13 @@ State machine of a volume record (the same shape for bases, without ``EXPORTED``
 
 Every mutation happens under the id's lock, the intent record is written before the data
 changes, and recovery only touches records whose lock it can take (a live operation holds it).
+
+Why one module of ~490 lines: it is one state machine. Every public method is "take the
+id's lock, read the record, check the transition, write the intent, change the data, commit",
+and recovery is the same steps run backwards; splitting the methods across modules would
+split the lock discipline (volume locks before base locks) that makes them safe together.
+The typed records are in :mod:`.records`, their storage in :mod:`.store`, the data paths in
+the backends.
 """
 
 from __future__ import annotations
