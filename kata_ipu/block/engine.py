@@ -10,12 +10,20 @@ State machine of a volume record (the same shape for bases, without ``EXPORTED``
 
 Every mutation happens under the id's lock, the intent record is written before the data
 changes, and recovery only touches records whose lock it can take (a live operation holds it).
+
+Why one module of ~490 lines: it is one state machine. Every public method is "take the
+id's lock, read the record, check the transition, write the intent, change the data, commit",
+and recovery is the same steps run backwards; splitting the methods across modules would
+split the lock discipline (volume locks before base locks) that makes them safe together.
+The typed records are in :mod:`.records`, their storage in :mod:`.store`, the data paths in
+the backends.
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import logging
@@ -24,7 +32,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from kata_ipu.block import fsutil, loop
 from kata_ipu.block.errors import (
@@ -53,13 +61,14 @@ from kata_ipu.block.model import (
     check_transition,
     serial_for,
 )
+from kata_ipu.block.records import BaseRecord, Kind, Record, VolumeRecord
 from kata_ipu.block.store import Store
 from kata_ipu.errors import FailedPrecondition
 from kata_ipu.executor import DEFAULT, Executor
 
 log = logging.getLogger("kata_ipu.block")
 
-LISTED = (State.READY.value, State.EXPORTED.value)
+BASES, VOLUMES = Kind.BASES, Kind.VOLUMES
 
 
 def _hash_file(path: Path) -> str:
@@ -139,23 +148,21 @@ class StoreTarget(BlockTarget):
 
     # -- records <-> objects -----------------------------------------------------------------
 
-    def _write(self, kind: Any, object_id: str, record: dict[str, Any]) -> None:
+    def _write(self, record: Record) -> None:
         """Write a record after checking its state change against :data:`TRANSITIONS`."""
-        current = self.store.read(kind, object_id)
-        check_transition(kind[:-1], object_id,
-                         State(current["state"]) if current else None, State(record["state"]))
-        self.store.write(kind, object_id, record)
+        current = self.store.current(record)
+        check_transition(record.kind.singular, record.id,
+                         current.state if current else None, record.state)
+        self.store.put(record)
 
-    def _base_of(self, rec: dict[str, Any]) -> Base:
-        return Base(id=rec["id"], path=self.base_path(rec["id"]), size=rec["size"],
-                    digest=rec["digest"], state=State(rec["state"]))
+    def _base_of(self, rec: BaseRecord) -> Base:
+        return Base(id=rec.id, path=self.base_path(rec.id), size=rec.size,
+                    digest=rec.digest, state=rec.state)
 
-    def _volume_of(self, rec: dict[str, Any]) -> Volume:
-        export = rec.get("export")
-        return Volume(id=rec["id"], base_id=rec["base"], path=self.volume_path(rec["id"]),
-                      size=rec["size"], serial=serial_for(rec["id"]),
-                      state=State(rec["state"]),
-                      device=Device.from_json(export) if export else None)
+    def _volume_of(self, rec: VolumeRecord) -> Volume:
+        return Volume(id=rec.id, base_id=rec.base, path=self.volume_path(rec.id),
+                      size=rec.size, serial=serial_for(rec.id), state=rec.state,
+                      device=rec.export)
 
     @staticmethod
     def _vid(volume: Volume | str) -> str:
@@ -176,11 +183,11 @@ class StoreTarget(BlockTarget):
         # Hashing costs a full read of the image (~0.15 s per 150 MiB); a caller that knows
         # what the image was made from names it instead.
         digest = content_id if content_id is not None else _hash_file(src)
-        with self.store.lock("bases", base_id):
-            rec = self.store.read("bases", base_id)
-            if rec is not None and rec["state"] == State.READY.value:
-                if rec["digest"] != digest or rec["size"] != st.st_size:
-                    raise BaseExists(base_id, f"with different content ({rec['digest']})")
+        with self.store.lock(BASES, base_id):
+            rec = self.store.base(base_id)
+            if rec is not None and rec.state is State.READY:
+                if rec.digest != digest or rec.size != st.st_size:
+                    raise BaseExists(base_id, f"with different content ({rec.digest})")
                 return self._base_of(rec)
             if rec is not None:
                 self._rollback_base(base_id, rec)
@@ -189,115 +196,116 @@ class StoreTarget(BlockTarget):
             if need + self.clone_reserve > free:
                 raise PoolFull(need + self.clone_reserve, free)
             dst = self.base_path(base_id)
-            record = {"id": base_id, "state": State.CREATING.value, "size": st.st_size,
-                      "digest": digest, "created": time.time()}
-            self._write("bases", base_id, record)
+            record = BaseRecord(base_id, State.CREATING, st.st_size, digest, time.time())
+            self._write(record)
             try:
                 fsutil.sparse_copy(src, dst)
                 os.chmod(dst, 0o444)
                 fsutil.set_immutable(dst, True)
             except BaseException as exc:
                 fsutil.unlink_quiet(dst)
-                self.store.delete("bases", base_id)
+                self.store.delete(BASES, base_id)
                 if _is_enospc(exc):
                     raise PoolFull(need, self._space()[2]) from exc
                 raise
-            record["state"] = State.READY.value
+            record = dataclasses.replace(record, state=State.READY)
             base = self._base_of(record)
             self._base_added(base)
-            self._write("bases", base_id, record)
+            self._write(record)
             log.info("base imported", extra={"base": base_id, "size": st.st_size,
                                              "backend": self.backend})
             return base
 
     def get_base(self, base_id: str) -> Base:
         check_id("base", base_id)
-        rec = self.store.read("bases", base_id)
-        if rec is None or rec["state"] != State.READY.value:
+        rec = self.store.base(base_id)
+        if rec is None or rec.state is not State.READY:
             raise BaseNotFound(base_id)
         return self._base_of(rec)
 
     def destroy_base(self, base_id: str) -> None:
         check_id("base", base_id)
-        with self.store.lock("bases", base_id):
-            rec = self.store.read("bases", base_id)
+        with self.store.lock(BASES, base_id):
+            rec = self.store.base(base_id)
             if rec is None:
                 raise BaseNotFound(base_id)
-            clones = [v["id"] for v in self.store.all("volumes") if v["base"] == base_id
-                      and v["state"] != State.DESTROYING.value]
+            clones = [v.id for v in self.store.volumes() if v.base == base_id
+                      and v.state is not State.DESTROYING]
             if clones:
                 raise BaseInUse(base_id, clones)
             self._rollback_base(base_id, rec)
             log.info("base destroyed", extra={"base": base_id, "backend": self.backend})
 
-    def _rollback_base(self, base_id: str, rec: dict[str, Any]) -> None:
-        rec = {**rec, "state": State.DESTROYING.value}
-        self._write("bases", base_id, rec)
+    def _rollback_base(self, base_id: str, rec: BaseRecord) -> None:
+        rec = dataclasses.replace(rec, state=State.DESTROYING)
+        self._write(rec)
         self._base_removing(self._base_of(rec))
         fsutil.unlink_quiet(self.base_path(base_id))
-        self.store.delete("bases", base_id)
+        self.store.delete(BASES, base_id)
 
     # -- volumes -----------------------------------------------------------------------------
 
     def clone(self, base: Base | str, volume_id: str) -> Volume:
         base_id = check_id("base", base.id if isinstance(base, Base) else base)
         check_id("volume", volume_id)
-        with self.store.lock("volumes", volume_id):
-            rec = self.store.read("volumes", volume_id)
-            if rec is not None and rec["state"] in LISTED:
-                if rec["base"] != base_id:
-                    raise VolumeExists(volume_id, rec["base"])
+        with self.store.lock(VOLUMES, volume_id):
+            rec = self.store.volume(volume_id)
+            if rec is not None and rec.listed:
+                if rec.base != base_id:
+                    raise VolumeExists(volume_id, rec.base)
                 return self._volume_of(rec)
             if rec is not None:
                 self._rollback_volume(volume_id, rec)
-            with self.store.lock("bases", base_id):
-                brec = self.store.read("bases", base_id)
-                if brec is None or brec["state"] != State.READY.value:
-                    raise BaseNotFound(base_id)
-                b = self._base_of(brec)
-                free = self._space()[2]
-                if free < self.clone_reserve:
-                    raise PoolFull(self.clone_reserve, free)
-                record: dict[str, Any] = {"id": volume_id, "base": base_id,
-                                          "state": State.CREATING.value, "size": b.size,
-                                          "export": None}
-                self._write("volumes", volume_id, record)
-                dst = self.volume_path(volume_id)
-                try:
-                    self._data_clone(b, dst)
-                except BaseException as exc:
-                    fsutil.unlink_quiet(dst)
-                    self.store.delete("volumes", volume_id)
-                    if _is_enospc(exc):
-                        raise PoolFull(self.clone_reserve, self._space()[2]) from exc
-                    raise
-                self._crash_point("clone", volume_id)
-                record["state"] = State.READY.value
-                self._write("volumes", volume_id, record)
+            with self.store.lock(BASES, base_id):
+                record = self._clone_locked(base_id, volume_id)
         return self._volume_of(record)
+
+    def _clone_locked(self, base_id: str, volume_id: str) -> VolumeRecord:
+        """The clone itself, under the volume's and the base's locks."""
+        brec = self.store.base(base_id)
+        if brec is None or brec.state is not State.READY:
+            raise BaseNotFound(base_id)
+        b = self._base_of(brec)
+        free = self._space()[2]
+        if free < self.clone_reserve:
+            raise PoolFull(self.clone_reserve, free)
+        record = VolumeRecord(volume_id, base_id, State.CREATING, b.size)
+        self._write(record)
+        dst = self.volume_path(volume_id)
+        try:
+            self._data_clone(b, dst)
+        except BaseException as exc:
+            fsutil.unlink_quiet(dst)
+            self.store.delete(VOLUMES, volume_id)
+            if _is_enospc(exc):
+                raise PoolFull(self.clone_reserve, self._space()[2]) from exc
+            raise
+        self._crash_point("clone", volume_id)
+        record = dataclasses.replace(record, state=State.READY)
+        self._write(record)
+        return record
 
     def get_volume(self, volume_id: str) -> Volume:
         check_id("volume", volume_id)
-        rec = self.store.read("volumes", volume_id)
-        if rec is None or rec["state"] not in LISTED:
+        rec = self.store.volume(volume_id)
+        if rec is None or not rec.listed:
             raise VolumeNotFound(volume_id)
         return self._volume_of(rec)
 
-    def _rollback_volume(self, volume_id: str, rec: dict[str, Any]) -> None:
+    def _rollback_volume(self, volume_id: str, rec: VolumeRecord) -> None:
         """Remove a volume's export, file and record (caller holds its lock)."""
         vol = self._volume_of(rec)
         if vol.device is not None:
             self._data_unexport(vol, vol.device)
-        if rec["state"] != State.DESTROYING.value:
-            self._write("volumes", volume_id,
-                        {**rec, "state": State.DESTROYING.value, "export": None})
+        if rec.state is not State.DESTROYING:
+            self._write(dataclasses.replace(rec, state=State.DESTROYING, export=None))
         fsutil.unlink_quiet(self.volume_path(volume_id))
-        self.store.delete("volumes", volume_id)
+        self.store.delete(VOLUMES, volume_id)
 
     def destroy(self, volume: Volume | str, *, missing_ok: bool = False) -> None:
         volume_id = self._vid(volume)
-        with self.store.lock("volumes", volume_id):
-            rec = self.store.read("volumes", volume_id)
+        with self.store.lock(VOLUMES, volume_id):
+            rec = self.store.volume(volume_id)
             if rec is None:
                 if missing_ok:
                     return
@@ -315,34 +323,41 @@ class StoreTarget(BlockTarget):
         if kind not in self.export_kinds:
             raise ExportNotSupported(kind.value, self.backend,
                                      sorted(k.value for k in self.export_kinds))
-        with self.store.lock("volumes", volume_id):
-            rec = self.store.read("volumes", volume_id)
-            if rec is None or rec["state"] not in LISTED:
+        with self.store.lock(VOLUMES, volume_id):
+            rec = self.store.volume(volume_id)
+            if rec is None or not rec.listed:
                 raise VolumeNotFound(volume_id)
             vol = self._volume_of(rec)
-            if vol.device is not None:
-                if not self._data_alive(vol, vol.device):
-                    self._data_unexport(vol, vol.device)  # stale: rebuild it
-                elif vol.device.kind is not kind:
-                    raise VolumeBusy(volume_id, f"already exported as {vol.device.kind.value}")
-                else:
-                    # re-read: a backend may have rebuilt the export (daemon restart)
-                    current = self._volume_of(self.store.read("volumes", volume_id) or rec)
-                    return current.device or vol.device
-            brec = self.store.read("bases", vol.base_id)
+            existing = self._live_export(vol, kind, rec)
+            if existing is not None:
+                return existing
+            brec = self.store.base(vol.base_id)
             if brec is None:
                 raise FailedPrecondition(f"base {vol.base_id!r} of volume {volume_id!r} is gone")
             device = self._data_export(vol, self._base_of(brec), kind)
             self._crash_point("export", volume_id)
             try:
-                self._write("volumes", volume_id, {**rec, "state": State.EXPORTED.value,
-                                                  "export": device.to_json()})
+                self._write(dataclasses.replace(rec, state=State.EXPORTED, export=device))
             except BaseException:
                 self._data_unexport(vol, device)
                 raise
             log.info("volume exported", extra={"volume": volume_id, "kind": kind.value,
                                                "device": device.path})
             return device
+
+    def _live_export(self, vol: Volume, kind: ExportKind, rec: VolumeRecord) -> Device | None:
+        """The volume's export if it is alive and of ``kind`` (a stale one is removed so
+        that it can be rebuilt); None when there is none. Caller holds the volume's lock."""
+        if vol.device is None:
+            return None
+        if not self._data_alive(vol, vol.device):
+            self._data_unexport(vol, vol.device)  # stale: rebuild it
+            return None
+        if vol.device.kind is not kind:
+            raise VolumeBusy(vol.id, f"already exported as {vol.device.kind.value}")
+        # re-read: a backend may have rebuilt the export (daemon restart)
+        current = self._volume_of(self.store.volume(vol.id) or rec)
+        return current.device or vol.device
 
     def _check_not_mounted(self, vol: Volume, device: Device) -> None:
         if (device.major is not None and device.minor is not None
@@ -351,9 +366,9 @@ class StoreTarget(BlockTarget):
 
     def unexport(self, volume: Volume | str, *, force: bool = False) -> None:
         volume_id = self._vid(volume)
-        with self.store.lock("volumes", volume_id):
-            rec = self.store.read("volumes", volume_id)
-            if rec is None or rec["state"] not in LISTED:
+        with self.store.lock(VOLUMES, volume_id):
+            rec = self.store.volume(volume_id)
+            if rec is None or not rec.listed:
                 raise VolumeNotFound(volume_id)
             vol = self._volume_of(rec)
             if vol.device is None:
@@ -361,16 +376,14 @@ class StoreTarget(BlockTarget):
             if not force:
                 self._check_not_mounted(vol, vol.device)
             self._data_unexport(vol, vol.device)
-            self._write("volumes", volume_id,
-                        {**rec, "state": State.READY.value, "export": None})
+            self._write(dataclasses.replace(rec, state=State.READY, export=None))
 
     # -- listing, usage, recovery -------------------------------------------------------------
 
     def list(self) -> Listing:
-        bases = tuple(self._base_of(r) for r in self.store.all("bases")
-                      if r["state"] == State.READY.value)
-        volumes = tuple(self._volume_of(r) for r in self.store.all("volumes")
-                        if r["state"] in LISTED)
+        bases = tuple(self._base_of(r) for r in self.store.bases()
+                      if r.state is State.READY)
+        volumes = tuple(self._volume_of(r) for r in self.store.volumes() if r.listed)
         return Listing(bases, volumes)
 
     def usage(self) -> Usage:
@@ -382,35 +395,38 @@ class StoreTarget(BlockTarget):
 
     def recover(self) -> None:
         self._clean_tmp()
-        for volume_id in self.store.ids("volumes"):
-            with self.store.lock("volumes", volume_id, blocking=False) as held:
-                rec = self.store.read("volumes", volume_id)
-                if not held or rec is None:
-                    continue
-                if rec["state"] not in LISTED:
-                    log.warning("rolling back interrupted volume operation",
-                                extra={"volume": volume_id, "state": rec["state"]})
-                    self._rollback_volume(volume_id, rec)
-                    continue
-                vol = self._volume_of(rec)
-                if vol.device is not None and not self._data_alive(vol, vol.device):
-                    self._recover_export(vol, vol.device, rec)
-        for base_id in self.store.ids("bases"):
-            with self.store.lock("bases", base_id, blocking=False) as held:
-                rec = self.store.read("bases", base_id)
-                if held and rec is not None and rec["state"] != State.READY.value:
+        for volume_id in self.store.ids(VOLUMES):
+            with self.store.lock(VOLUMES, volume_id, blocking=False) as held:
+                rec = self.store.volume(volume_id)
+                if held and rec is not None:
+                    self._recover_volume(rec)
+        for base_id in self.store.ids(BASES):
+            with self.store.lock(BASES, base_id, blocking=False) as held:
+                brec = self.store.base(base_id)
+                if held and brec is not None and brec.state is not State.READY:
                     log.warning("rolling back interrupted base operation",
-                                extra={"base": base_id, "state": rec["state"]})
-                    self._rollback_base(base_id, rec)
-        self._remove_orphans("volumes", self.volumes_dir, self.volume_suffix)
-        self._remove_orphans("bases", self.bases_dir, ".img")
+                                extra={"base": base_id, "state": brec.state.value})
+                    self._rollback_base(base_id, brec)
+        self._remove_orphans(VOLUMES, self.volumes_dir, self.volume_suffix)
+        self._remove_orphans(BASES, self.bases_dir, ".img")
 
-    def _recover_export(self, vol: Volume, device: Device, rec: dict[str, Any]) -> None:
+    def _recover_volume(self, rec: VolumeRecord) -> None:
+        """Roll an interrupted operation back, or repair a lost export (lock held)."""
+        if not rec.listed:
+            log.warning("rolling back interrupted volume operation",
+                        extra={"volume": rec.id, "state": rec.state.value})
+            self._rollback_volume(rec.id, rec)
+            return
+        vol = self._volume_of(rec)
+        if vol.device is not None and not self._data_alive(vol, vol.device):
+            self._recover_export(vol, vol.device, rec)
+
+    def _recover_export(self, vol: Volume, device: Device, rec: VolumeRecord) -> None:
         """A recorded export is no longer served: by default, forget it."""
         self._data_unexport(vol, device)
-        self._write("volumes", vol.id, {**rec, "state": State.READY.value, "export": None})
+        self._write(dataclasses.replace(rec, state=State.READY, export=None))
 
-    def _remove_orphans(self, kind: Any, directory: Path, suffix: str) -> None:
+    def _remove_orphans(self, kind: Kind, directory: Path, suffix: str) -> None:
         for name in os.listdir(directory):
             if not name.endswith(suffix):
                 continue
@@ -432,21 +448,21 @@ class StoreTarget(BlockTarget):
     # -- teardown ----------------------------------------------------------------------------
 
     def _destroy_everything(self, force: bool) -> None:
-        listing = self.store.ids("volumes"), self.store.ids("bases")
+        listing = self.store.ids(VOLUMES), self.store.ids(BASES)
         if (listing[0] or listing[1]) and not force:
             raise FailedPrecondition(
                 f"pool {self.pool.root} still has {len(listing[0])} volume(s) and "
                 f"{len(listing[1])} base(s)")
         for volume_id in listing[0]:
-            with self.store.lock("volumes", volume_id):
-                rec = self.store.read("volumes", volume_id)
+            with self.store.lock(VOLUMES, volume_id):
+                rec = self.store.volume(volume_id)
                 if rec is not None:
                     self._rollback_volume(volume_id, rec)
         for base_id in listing[1]:
-            with self.store.lock("bases", base_id):
-                rec = self.store.read("bases", base_id)
-                if rec is not None:
-                    self._rollback_base(base_id, rec)
+            with self.store.lock(BASES, base_id):
+                brec = self.store.base(base_id)
+                if brec is not None:
+                    self._rollback_base(base_id, brec)
 
     def _remove_layout(self) -> None:
         for d in (self.volumes_dir, self.bases_dir):

@@ -78,10 +78,9 @@ class FileTarget(StoreTarget):
     def _stop_orphan_daemons(self) -> None:
         """Daemons serving volumes that are no longer recorded as vhost exports."""
         live = set()
-        for rec in self.store.all("volumes"):
-            export = rec.get("export")
-            if export and export.get("kind") == ExportKind.VHOST_USER_BLK.value:
-                live.add(short_name("v", rec["id"]))
+        for rec in self.store.volumes():
+            if rec.export is not None and rec.export.kind is ExportKind.VHOST_USER_BLK:
+                live.add(short_name("v", rec.id))
         for name in os.listdir(self.run_dir):
             if name.endswith(".pid") and name[:-4] not in live:
                 sock = self.run_dir / f"{name[:-4]}.sock"
@@ -98,10 +97,9 @@ class FileTarget(StoreTarget):
         """Loops on volume files whose record has no host export (a crash between the
         attach and the record write): one sysfs scan for the whole pool."""
         recorded = set()
-        for rec in self.store.all("volumes"):
-            export = rec.get("export")
-            if export and export.get("minor") is not None:
-                recorded.add(int(export["minor"]))
+        for rec in self.store.volumes():
+            if rec.export is not None and rec.export.minor is not None:
+                recorded.add(rec.export.minor)
         for minor, served in loop.find_under(self.volumes_dir):
             if minor not in recorded:
                 log.warning("detaching orphan loop device", extra={"loop": f"loop{minor}",

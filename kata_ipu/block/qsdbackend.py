@@ -17,6 +17,7 @@ at a time (kata-ipud); another process must wait until the first calls :meth:`cl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -32,6 +33,7 @@ from kata_ipu.block import fsutil, loop, qsd
 from kata_ipu.block.engine import StoreTarget
 from kata_ipu.block.model import Base, Device, ExportKind, Pool, State, Volume, short_name
 from kata_ipu.block.qsd import QmpLink
+from kata_ipu.block.records import Kind, VolumeRecord
 from kata_ipu.executor import DEFAULT, Executor
 
 log = logging.getLogger("kata_ipu.block")
@@ -87,7 +89,7 @@ class QsdTarget(StoreTarget):
             return link
 
     def _start_daemon(self, link: QmpLink) -> None:
-        had_exports = any(r.get("export") for r in self.store.all("volumes"))
+        had_exports = any(r.export is not None for r in self.store.volumes())
         for sock in (self.qmp_sock, self.nbd_sock):
             with contextlib.suppress(FileNotFoundError):
                 sock.unlink()
@@ -97,20 +99,20 @@ class QsdTarget(StoreTarget):
             "--nbd-server", f"addr.type=unix,addr.path={self.nbd_sock}",
         ], self.pidfile, self.executor)
         link.connect()
-        for rec in self.store.all("bases"):
-            if rec["state"] == State.READY.value:
-                self._add_base_node(link, self._base_of(rec))
+        for brec in self.store.bases():
+            if brec.state is State.READY:
+                self._add_base_node(link, self._base_of(brec))
         if had_exports:
             self.restarts += 1
             log.warning("qemu-storage-daemon restarted; re-creating exports",
                         extra={"pool": str(self.pool.root)})
-        for rec in self.store.all("volumes"):
+        for rec in self.store.volumes():
             vol = self._volume_of(rec)
             if vol.device is None:
                 continue
             self._teardown_export(None, vol, vol.device)
             device = self._create_export(link, vol, vol.device.kind)
-            self._write("volumes", vol.id, {**rec, "export": device.to_json()})
+            self._write(dataclasses.replace(rec, export=device))
 
     # -- nodes ---------------------------------------------------------------------------
 
@@ -289,31 +291,30 @@ class QsdTarget(StoreTarget):
             return served == os.path.realpath(self._fuse_file(volume.id))
         return True
 
-    def _recover_export(self, vol: Volume, device: Device, rec: dict[str, Any]) -> None:
+    def _recover_export(self, vol: Volume, device: Device, rec: VolumeRecord) -> None:
         """Re-create an export the daemon lost (its nodes come back from the records)."""
         link = self._qmp()
         self._teardown_export(link, vol, device)
-        brec = self.store.read("bases", vol.base_id)
+        brec = self.store.base(vol.base_id)
         if brec is None:
             super()._recover_export(vol, device, rec)
             return
         self._add_base_node(link, self._base_of(brec))
         new = self._create_export(link, vol, device.kind)
-        self._write("volumes", vol.id, {**rec, "export": new.to_json()})
+        self._write(dataclasses.replace(rec, export=new))
 
     def recover(self) -> None:
         link = self._qmp()  # restarts the daemon (and its exports) if it died
         super().recover()
         # exports and nodes of volumes not recorded as exported (a crash mid-export)
-        recorded = {r["id"] for r in self.store.all("volumes") if r.get("export")}
         exports = set(self.qsd_exports())
         nodes = set(self.qsd_nodes())
-        for rec in self.store.all("volumes"):
-            vid = rec["id"]
-            if vid not in recorded and (self._export_id(vid) in exports
-                                        or self._vol_node(vid) in nodes
-                                        or self._fuse_file(vid).exists()):
-                with self.store.lock("volumes", vid, blocking=False) as held:
+        for rec in self.store.volumes():
+            vid = rec.id
+            if rec.export is None and (self._export_id(vid) in exports
+                                       or self._vol_node(vid) in nodes
+                                       or self._fuse_file(vid).exists()):
+                with self.store.lock(Kind.VOLUMES, vid, blocking=False) as held:
                     if held:
                         log.warning("removing unrecorded export", extra={"volume": vid})
                         self._teardown_export(link, self._volume_of(rec), None)

@@ -5,6 +5,10 @@ a crash every record is either the old or the new version. Locks are ``flock(2)`
 fixed set of striped lock files: they serialise threads and processes alike, and the kernel
 drops them when a process dies, which is how recovery tells a crashed operation from a running
 one. Volume locks are always taken before base locks.
+
+Two layers: the raw JSON of a record (:meth:`Store.read`/:meth:`Store.write`, the on-disk
+format) and its typed record (:meth:`Store.base`, :meth:`Store.volume`, :meth:`Store.put`,
+see :mod:`kata_ipu.block.records`), which is what the block engine works with.
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-Kind = Literal["bases", "volumes"]
+from kata_ipu.block.records import BaseRecord, Kind, Record, VolumeRecord
+
+__all__ = ["STRIPES", "Kind", "Store"]
+
 STRIPES = 64
 
 
@@ -34,7 +41,7 @@ class Store:
         self._tmp_lock = threading.Lock()
 
     def create(self) -> None:
-        for sub in ("bases", "volumes", "locks", "tmp"):
+        for sub in (Kind.BASES, Kind.VOLUMES, "locks", "tmp"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
 
     # -- records -------------------------------------------------------------------------
@@ -84,6 +91,29 @@ class Store:
                 out.append(record)
         return out
 
+    # -- typed records -------------------------------------------------------------------
+
+    def base(self, base_id: str) -> BaseRecord | None:
+        data = self.read(Kind.BASES, base_id)
+        return BaseRecord.from_json(data) if data is not None else None
+
+    def volume(self, volume_id: str) -> VolumeRecord | None:
+        data = self.read(Kind.VOLUMES, volume_id)
+        return VolumeRecord.from_json(data) if data is not None else None
+
+    def current(self, record: Record) -> Record | None:
+        """The record of the same kind and id as ``record`` that is on disk now."""
+        return self.base(record.id) if record.kind is Kind.BASES else self.volume(record.id)
+
+    def bases(self) -> list[BaseRecord]:
+        return [BaseRecord.from_json(r) for r in self.all(Kind.BASES)]
+
+    def volumes(self) -> list[VolumeRecord]:
+        return [VolumeRecord.from_json(r) for r in self.all(Kind.VOLUMES)]
+
+    def put(self, record: Record) -> None:
+        self.write(record.kind, record.id, record.to_json())
+
     def clean_tmp(self) -> None:
         """Remove temporary files left by crashed writers (call with no writer running)."""
         with contextlib.suppress(FileNotFoundError):
@@ -95,7 +125,7 @@ class Store:
 
     def _lock_path(self, kind: Kind, object_id: str) -> Path:
         stripe = int.from_bytes(hashlib.sha256(object_id.encode()).digest()[:4], "big")
-        return self.dir / "locks" / f"{kind[0]}{stripe % STRIPES:02d}"
+        return self.dir / "locks" / f"{Kind(kind).value[0]}{stripe % STRIPES:02d}"
 
     @contextlib.contextmanager
     def lock(self, kind: Kind, object_id: str, *, blocking: bool = True) -> Iterator[bool]:

@@ -162,33 +162,46 @@ def _section(data: dict[str, Any], name: str, cls: type[Any], where: str) -> Any
     unknown = set(raw) - set(known)
     if unknown:
         raise InvalidArgument(f"{where}: unknown key(s) in [{name}]: {', '.join(sorted(unknown))}")
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        ref = known[key].default
-        label = f"{where}: [{name}] {key}"
-        if key in ("min_size", "max_size", "pool_size"):
-            values[key] = parse_size(value, label)
-        elif isinstance(ref, bool):
-            if not isinstance(value, bool):
-                raise InvalidArgument(f"{label} must be true or false")
-            values[key] = value
-        elif isinstance(ref, float):
-            if not isinstance(value, int | float) or isinstance(value, bool):
-                raise InvalidArgument(f"{label} must be a number")
-            values[key] = float(value)
-        elif isinstance(ref, int):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise InvalidArgument(f"{label} must be a whole number >= 0")
-            values[key] = value
-        elif isinstance(ref, tuple):
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise InvalidArgument(f"{label} must be a list of strings")
-            values[key] = tuple(value)
-        else:
-            if not isinstance(value, str):
-                raise InvalidArgument(f"{label} must be a string")
-            values[key] = value
+    values = {key: _value(value, known[key].default, key, f"{where}: [{name}] {key}")
+              for key, value in raw.items()}
     return cls(**values)
+
+
+def _value(value: Any, ref: Any, key: str, label: str) -> Any:
+    """One key's value, checked against the type of its default ``ref``."""
+    if key in ("min_size", "max_size", "pool_size"):
+        return parse_size(value, label)
+    if isinstance(ref, bool):
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"{label} must be true or false")
+        return value
+    if isinstance(ref, float):
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise InvalidArgument(f"{label} must be a number")
+        return float(value)
+    if isinstance(ref, int):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidArgument(f"{label} must be a whole number >= 0")
+        return value
+    if isinstance(ref, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InvalidArgument(f"{label} must be a list of strings")
+        return tuple(value)
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{label} must be a string")
+    return value
+
+
+def _read_toml(where: str, required: bool) -> dict[str, Any]:
+    p = Path(where)
+    if p.exists():
+        try:
+            return tomllib.loads(p.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidArgument(f"{where}: not valid TOML") from exc
+    if required:
+        raise InvalidArgument(f"{where}: config file not found")
+    return {}
 
 
 def load(path: str | Path | None, *, root: str | None = None,
@@ -196,15 +209,7 @@ def load(path: str | Path | None, *, root: str | None = None,
          required: bool = False) -> Config:
     """Read the TOML file (missing is fine unless ``required``), then apply flag overrides."""
     where = str(path or DEFAULT_CONFIG)
-    data: dict[str, Any] = {}
-    p = Path(where)
-    if p.exists():
-        try:
-            data = tomllib.loads(p.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidArgument(f"{where}: not valid TOML") from exc
-    elif required:
-        raise InvalidArgument(f"{where}: config file not found")
+    data = _read_toml(where, required)
     sections = {
         "tcp": _section(data, "tcp", TcpConfig, where),
         "metrics": _section(data, "metrics", MetricsConfig, where),

@@ -55,7 +55,7 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None,
     engine = await Engine.open(cfg, metrics)
     server = Server()
     try:
-        fixes = await engine.recover()
+        fixes = await engine.recovery.run()
         IpuServices(engine, token).register(server)
         for address in cfg.addresses:
             await server.listen(address, mode=cfg.socket_mode)

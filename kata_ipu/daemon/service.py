@@ -1,4 +1,5 @@
-"""The ``kataipu.v1`` ttrpc services of kata-ipud, translating protobuf to :class:`Engine`.
+"""The ``kataipu.v1`` ttrpc services of kata-ipud: protobuf in, the engine's collaborators
+(:mod:`.engine`), protobuf out (:mod:`.wire`).
 
 Handlers validate nothing themselves beyond the wire: the engine raises typed project errors
 (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, ResourceExhausted...), which the
@@ -15,16 +16,14 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
-
-from google.protobuf import timestamp_pb2
+from typing import TypeVar
 
 from kata_ipu import __version__, api
 from kata_ipu.api import kataipu_pb2 as pb
-from kata_ipu.block import ExportKind
 from kata_ipu.daemon.checks import run_checks
-from kata_ipu.daemon.engine import Engine, Prepared
-from kata_ipu.daemon.state import BaseRecord, ImageRecord, VolumeRecord
+from kata_ipu.daemon.engine import Engine
+from kata_ipu.daemon.volumes import Prepared
+from kata_ipu.daemon.wire import FS, export_kind, image_message, platform_text, rootfs_message, ts
 from kata_ipu.errors import FailedPrecondition, KataIpuError, Unauthenticated
 from kata_ipu.ttrpc import CallContext, Server, unary
 
@@ -33,66 +32,6 @@ Req = TypeVar("Req")
 TOKEN_KEY = "authorization"
 
 log = logging.getLogger("kata_ipu.daemon")
-
-_EXPORTS = {
-    pb.EXPORT_UNSPECIFIED: ExportKind.HOST_BLOCK,
-    pb.HOST_BLOCK: ExportKind.HOST_BLOCK,
-    pb.VHOST_USER_BLK: ExportKind.VHOST_USER_BLK,
-    pb.VFIO_PCI: ExportKind.VFIO_PCI,
-    pb.NBD: ExportKind.NBD,
-}
-_EXPORT_TO_PB = {
-    ExportKind.HOST_BLOCK.value: pb.HOST_BLOCK,
-    ExportKind.VHOST_USER_BLK.value: pb.VHOST_USER_BLK,
-    ExportKind.VFIO_PCI.value: pb.VFIO_PCI,
-    ExportKind.NBD.value: pb.NBD,
-}
-_FS = {pb.FS_UNSPECIFIED: None, pb.EXT4: "ext4", pb.EROFS: "erofs"}
-_FS_TO_PB = {"ext4": pb.EXT4, "erofs": pb.EROFS}
-
-
-def _ts(seconds: float) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
-
-
-def _platform_text(p: pb.Platform) -> str:
-    if not p.os and not p.architecture:
-        return ""
-    return "/".join(x for x in (p.os or "linux", p.architecture, p.variant) if x)
-
-
-def image_message(img: ImageRecord, bases: list[BaseRecord], clones: int,
-                  layers: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())) -> pb.Image:
-    os_, _, rest = img.platform.partition("/")
-    arch, _, variant = rest.partition("/")
-    return pb.Image(
-        name=img.names[0] if img.names else "", digest=img.digest,
-        config_digest=img.config_digest,
-        platform=pb.Platform(os=os_, architecture=arch, variant=variant),
-        size_bytes=img.size_bytes,
-        bases=[pb.BaseImage(id=b.id, fstype=_FS_TO_PB.get(b.fstype, pb.FS_UNSPECIFIED),
-                            size_bytes=b.size_bytes, built_at=_ts(b.built_at),
-                            build_seconds=b.build_seconds, layers=b.layers) for b in bases],
-        created_at=_ts(img.created_at), clones=clones, layers=layers[0],
-        diff_ids=layers[1])
-
-
-def rootfs_message(vol: VolumeRecord, fstype: str) -> pb.Rootfs:
-    dev: dict[str, Any] = vol.device
-    kind = _EXPORT_TO_PB.get(str(dev.get("kind", "")), pb.EXPORT_UNSPECIFIED)
-    device = pb.Device(
-        kind=kind, path=str(dev.get("path") or ""), major=int(dev.get("major") or 0),
-        minor=int(dev.get("minor") or 0), fstype=_FS_TO_PB.get(fstype, pb.FS_UNSPECIFIED),
-        read_only=False, serial=str(dev.get("serial") or ""),
-        vhost_socket=str(dev.get("socket") or "") if kind == pb.VHOST_USER_BLK else "",
-        size_bytes=int(dev.get("size") or 0),
-        nbd_uri=str(dev.get("path") or "") if kind == pb.NBD else "")
-    return pb.Rootfs(container_id=vol.container_id, image=vol.image, image_digest=vol.digest,
-                     volume_id=vol.volume_id, device=device, created_at=_ts(vol.created_at),
-                     annotations=vol.annotations)
-
 
 class IpuServices:
     """Registers ImageService, RootfsService and SystemService on a ttrpc server."""
@@ -133,14 +72,14 @@ class IpuServices:
 
     # ------------------------------------------------------------------ ImageService
     async def pull(self, ctx: CallContext, req: pb.PullRequest) -> pb.PullResponse:
-        img = await self.engine.pull(req.image, platform=_platform_text(req.platform),
-                                     fstype=_FS[req.fstype], build=not req.skip_build)
-        return pb.PullResponse(image=image_message(*await self.engine.describe_image(img),
+        img = await self.engine.images.pull(req.image, platform=platform_text(req.platform),
+                                            fstype=FS[req.fstype], build=not req.skip_build)
+        return pb.PullResponse(image=image_message(*await self.engine.images.describe_image(img),
                                                    await self._layers(img.digest)))
 
     async def _layers(self, digest: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         try:
-            return await asyncio.to_thread(self.engine.image_layers, digest)
+            return await asyncio.to_thread(self.engine.images.image_layers, digest)
         except (KataIpuError, OSError) as exc:  # a listing shows what it can
             log.warning("layers of image %s unreadable: %s", digest, exc)
             return (), ()
@@ -149,17 +88,17 @@ class IpuServices:
                           ) -> pb.ListImagesResponse:
         return pb.ListImagesResponse(images=[
             image_message(i, b, c, await self._layers(i.digest))
-            for i, b, c in await self.engine.list_images(req.filter)])
+            for i, b, c in await self.engine.images.list_images(req.filter)])
 
     async def remove_image(self, ctx: CallContext, req: pb.RemoveImageRequest
                            ) -> pb.RemoveImageResponse:
-        await self.engine.remove_image(req.image, force=req.force)
+        await self.engine.images.remove_image(req.image, force=req.force)
         return pb.RemoveImageResponse()
 
     async def status(self, ctx: CallContext, req: pb.PullStatusRequest
                      ) -> pb.PullStatusResponse:
         out = []
-        for s in self.engine.status(req.image):
+        for s in self.engine.images.status(req.image):
             blobs = []
             done = total = 0
             if s.progress is not None:
@@ -170,7 +109,7 @@ class IpuServices:
             phase = pb.BUILDING if s.phase == "building" else pb.DOWNLOADING
             out.append(pb.PullProgress(image=s.image, digest=s.digest, phase=phase, blobs=blobs,
                                        bytes_done=done, bytes_total=total,
-                                       started_at=_ts(s.started_at)))
+                                       started_at=ts(s.started_at)))
         return pb.PullStatusResponse(pulls=out)
 
     # ------------------------------------------------------------------ RootfsService
@@ -180,12 +119,12 @@ class IpuServices:
         if req.options.size_bytes:
             raise FailedPrecondition("per-container rootfs sizes are not supported yet; "
                                      "the size comes from the image and [rootfs] headroom")
-        fstype = _FS[req.options.fstype] or self.engine.config.rootfs.fstype
+        fstype = FS[req.options.fstype] or self.engine.config.rootfs.fstype
         start = time.monotonic()
         try:
-            result: Prepared = await self.engine.prepare(
-                req.container_id, req.image, export=_EXPORTS[req.export], fstype=fstype,
-                platform=_platform_text(req.platform), annotations=dict(req.annotations),
+            result: Prepared = await self.engine.volumes.prepare(
+                req.container_id, req.image, export=export_kind(req.export), fstype=fstype,
+                platform=platform_text(req.platform), annotations=dict(req.annotations),
                 layers=req.options.layers)
         except Exception:
             self.engine.metrics.prepare_seconds.labels("error", "unknown").observe(
@@ -197,7 +136,7 @@ class IpuServices:
                                   cold=result.cold)
 
     async def release(self, ctx: CallContext, req: pb.ReleaseRequest) -> pb.ReleaseResponse:
-        await self.engine.release(req.container_id)
+        await self.engine.volumes.release(req.container_id)
         return pb.ReleaseResponse()
 
     async def list_rootfs(self, ctx: CallContext, req: pb.ListRootfsRequest
@@ -209,9 +148,9 @@ class IpuServices:
             for v in vols])
 
     async def stat(self, ctx: CallContext, req: pb.StatRootfsRequest) -> pb.StatRootfsResponse:
-        vol = await self.engine.get_volume(req.container_id)
+        vol = await self.engine.volumes.get_volume(req.container_id)
         base = await self.engine.state.get_base(vol.base_id)
-        size, allocated = await asyncio.to_thread(self.engine.volume_usage, vol.volume_id)
+        size, allocated = await asyncio.to_thread(self.engine.volumes.volume_usage, vol.volume_id)
         return pb.StatRootfsResponse(
             rootfs=rootfs_message(vol, base.fstype if base else ""),
             usage=pb.RootfsUsage(size_bytes=size, allocated_bytes=allocated))
@@ -223,12 +162,12 @@ class IpuServices:
                                          for r in results])
 
     async def gc(self, ctx: CallContext, req: pb.GcRequest) -> pb.GcResponse:
-        bases, freed = await self.engine.gc()
+        bases, freed = await self.engine.collector.gc()
         return pb.GcResponse(bases_removed=bases, bytes_reclaimed=freed)
 
     async def info(self, ctx: CallContext, req: pb.InfoRequest) -> pb.InfoResponse:
         usage = await asyncio.to_thread(self.engine.target.usage)
-        plat = self.engine.platform
+        plat = self.engine.images.platform
         return pb.InfoResponse(
             version=__version__, backend=self.engine.target.pool.backend,
             root=str(self.engine.config.root), pool_capacity_bytes=usage.capacity,

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kata_ipu.block.model import Device, ExportKind
 from kata_ipu.errors import Internal
 
 T = TypeVar("T")
@@ -126,8 +127,8 @@ class VolumeRecord:
     image: str
     digest: str
     state: VolumeState
-    export_kind: str
-    device: dict[str, object] = field(default_factory=dict)
+    export_kind: ExportKind  # stored by name (``HOST_BLOCK``)
+    device: Device | None = None  # stored as :meth:`Device.to_json`, ``{}`` for none
     annotations: dict[str, str] = field(default_factory=dict)
     created_at: float = 0.0
 
@@ -264,8 +265,8 @@ class StateStore:
                 "ON CONFLICT(container_id) DO UPDATE SET state=excluded.state, "
                 "device=excluded.device, export_kind=excluded.export_kind",
                 (record.container_id, record.volume_id, record.base_id, record.image,
-                 record.digest, record.state.value, record.export_kind,
-                 json.dumps(record.device, sort_keys=True),
+                 record.digest, record.state.value, record.export_kind.name,
+                 json.dumps(record.device.to_json() if record.device else {}, sort_keys=True),
                  json.dumps(record.annotations, sort_keys=True), record.created_at))
         await self._call(self._tx(tx))
 
@@ -356,8 +357,9 @@ def _base(row: tuple[Any, ...]) -> BaseRecord:
 
 
 def _volume(row: tuple[Any, ...]) -> VolumeRecord:
+    device = json.loads(str(row[7]))
     return VolumeRecord(
         str(row[0]), str(row[1]), str(row[2]), str(row[3]), str(row[4]),
-        VolumeState(str(row[5])), str(row[6]), json.loads(str(row[7])),
-        json.loads(str(row[8])), float(row[9]),
+        VolumeState(str(row[5])), ExportKind[str(row[6])],
+        Device.from_json(device) if device else None, json.loads(str(row[8])), float(row[9]),
     )

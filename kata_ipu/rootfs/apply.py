@@ -165,12 +165,7 @@ class Applier:
         meta = Meta(uid=m.uid, gid=m.gid, mode=m.mode & 0o7777, mtime_ns=int(m.mtime) * 10**9,
                     xattrs=_xattrs(m))
         if not parts:
-            # The root directory itself ("./"): only its metadata can change.
-            if not m.isdir():
-                raise BadLayer(m.name, "the image root can only be a directory")
-            self.fs.set_meta(self.root.fd, ".", meta, mtime=False, replace_xattrs=True)
-            dir_mtimes[()] = meta.mtime_ns
-            return ()
+            return self._root_entry(m, meta, dir_mtimes)
         base = parts[-1]
         if base.startswith(WHITEOUT_PREFIX):
             self._whiteout(m.name, parts, upper, keep)
@@ -206,7 +201,23 @@ class Applier:
             self.fs.mkdir(dirfd, base)
             self.fs.set_meta(dirfd, base, meta, mtime=False)
             dir_mtimes[canon] = meta.mtime_ns
-        elif m.issym():
+        else:
+            self._special(m, dirfd, base, meta, link_src)
+        return canon
+
+    def _root_entry(self, m: tarfile.TarInfo, meta: Meta,
+                    dir_mtimes: dict[Path_, int]) -> Path_:
+        """The root directory itself ("./"): only its metadata can change."""
+        if not m.isdir():
+            raise BadLayer(m.name, "the image root can only be a directory")
+        self.fs.set_meta(self.root.fd, ".", meta, mtime=False, replace_xattrs=True)
+        dir_mtimes[()] = meta.mtime_ns
+        return ()
+
+    def _special(self, m: tarfile.TarInfo, dirfd: int, base: str, meta: Meta,
+                 link_src: tuple[int, str] | None) -> None:
+        """A symlink, hardlink, device node or FIFO (neither a regular file nor a directory)."""
+        if m.issym():
             if "\x00" in m.linkname:
                 raise PathEscape(m.name, "symlink target contains a NUL byte")
             # The target is stored verbatim: it is data, resolved later inside the container
@@ -227,7 +238,6 @@ class Applier:
             self.fs.set_meta(dirfd, base, meta)
         else:
             raise BadLayer(m.name, f"unsupported tar entry type {m.type!r}")
-        return canon
 
     def _regular(self, tf: tarfile.TarFile, m: tarfile.TarInfo, dirfd: int, base: str,
                  meta: Meta, stats: LayerStats) -> None:

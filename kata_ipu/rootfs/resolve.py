@@ -18,6 +18,7 @@ import collections
 import errno
 import os
 import stat
+from dataclasses import dataclass
 
 from kata_ipu.rootfs.errors import BadLayer, PathEscape
 
@@ -41,6 +42,17 @@ def split_entry_name(name: str) -> tuple[str, ...]:
         if len(p.encode("utf-8", "surrogateescape")) > NAME_MAX:
             raise PathEscape(name[:64] + "...", f"component longer than NAME_MAX ({NAME_MAX})")
     return parts
+
+
+@dataclass(slots=True)
+class _Walk:
+    """One walk in progress: the path asked for, and what is left of it."""
+
+    parts: tuple[str, ...]
+    create: bool
+    stack: list[tuple[int, str]]  # (fd, name) from the root down; fds other than the root's
+    pending: list[str]
+    links: int = 0
 
 
 class Root:
@@ -100,12 +112,11 @@ class Root:
 
     def _walk(self, parts: tuple[str, ...], *, create: bool) -> tuple[int, tuple[str, ...]] | None:
         # Stack of (fd, name) from the root down; fds other than the root's are ours.
-        stack: list[tuple[int, str]] = []
-        pending = list(parts)
-        links = 0
+        walk = _Walk(parts, create, [], list(parts))
+        stack = walk.stack
         try:
-            while pending:
-                comp = pending.pop(0)
+            while walk.pending:
+                comp = walk.pending.pop(0)
                 cur = stack[-1][0] if stack else self.fd
                 if comp in ("", "."):
                     continue
@@ -113,38 +124,16 @@ class Root:
                     if stack:
                         os.close(stack.pop()[0])
                     continue
-                try:
-                    st = os.stat(comp, dir_fd=cur, follow_symlinks=False)
-                except FileNotFoundError:
-                    if not create:
-                        return None
-                    # Implicit parent: tar lets an entry appear before its directory.
-                    os.mkdir(comp, 0o755, dir_fd=cur)
-                    st = os.stat(comp, dir_fd=cur, follow_symlinks=False)
+                st = self._lstat(walk, comp, cur)
+                if st is None:
+                    return None
                 if stat.S_ISLNK(st.st_mode):
-                    links += 1
-                    if links > MAXSYMLINKS:
-                        if not create:
-                            return None  # a lookup through a symlink loop finds nothing
-                        raise PathEscape("/".join(parts), "too many levels of symbolic links")
-                    target = os.readlink(comp, dir_fd=cur)
-                    if target.startswith("/"):
-                        # Absolute target: the container's "/" is the image root.
-                        for fd, _ in stack:
-                            os.close(fd)
-                        stack.clear()
-                    pending[:0] = target.split("/")
+                    if not self._follow(walk, comp, cur):
+                        return None
                     continue
-                if not stat.S_ISDIR(st.st_mode):
-                    if not create:
-                        return None  # looking up: a file in parent position means "absent"
-                    raise BadLayer("/".join(parts), f"parent component {comp!r} is not a directory")
-                try:
-                    fd = os.open(comp, _O_PATH_DIR, dir_fd=cur)
-                except OSError as exc:
-                    if exc.errno in (errno.ENOTDIR, errno.ELOOP):
-                        raise BadLayer("/".join(parts), f"{comp!r} changed under us") from exc
-                    raise
+                fd = self._descend(walk, comp, cur, st)
+                if fd is None:
+                    return None
                 stack.append((fd, comp))
             if not stack:
                 return self.fd, ()
@@ -158,3 +147,47 @@ class Root:
         finally:
             for fd, _ in stack:
                 os.close(fd)
+
+    @staticmethod
+    def _lstat(walk: _Walk, comp: str, cur: int) -> os.stat_result | None:
+        """The component's own metadata; a missing one is made (implicit parent) when
+        creating, else None."""
+        try:
+            return os.stat(comp, dir_fd=cur, follow_symlinks=False)
+        except FileNotFoundError:
+            if not walk.create:
+                return None
+            # Implicit parent: tar lets an entry appear before its directory.
+            os.mkdir(comp, 0o755, dir_fd=cur)
+            return os.stat(comp, dir_fd=cur, follow_symlinks=False)
+
+    @staticmethod
+    def _follow(walk: _Walk, comp: str, cur: int) -> bool:
+        """Queue a symlink's target in place of the link; False: a lookup finds nothing."""
+        walk.links += 1
+        if walk.links > MAXSYMLINKS:
+            if not walk.create:
+                return False  # a lookup through a symlink loop finds nothing
+            raise PathEscape("/".join(walk.parts), "too many levels of symbolic links")
+        target = os.readlink(comp, dir_fd=cur)
+        if target.startswith("/"):
+            # Absolute target: the container's "/" is the image root.
+            for fd, _ in walk.stack:
+                os.close(fd)
+            walk.stack.clear()
+        walk.pending[:0] = target.split("/")
+        return True
+
+    @staticmethod
+    def _descend(walk: _Walk, comp: str, cur: int, st: os.stat_result) -> int | None:
+        """An fd of the directory ``comp``; None if a lookup meets a non-directory."""
+        if not stat.S_ISDIR(st.st_mode):
+            if not walk.create:
+                return None  # looking up: a file in parent position means "absent"
+            raise BadLayer("/".join(walk.parts), f"parent component {comp!r} is not a directory")
+        try:
+            return os.open(comp, _O_PATH_DIR, dir_fd=cur)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                raise BadLayer("/".join(walk.parts), f"{comp!r} changed under us") from exc
+            raise

@@ -7,6 +7,9 @@ Lifecycle of every writer (one build each)::
     writer.abort()              # on any failure/cancel, at any point: no mount, no loop
                                 # device, no staging dir, no partial image left
 
+After a SIGKILL nobody ran ``abort()``: :func:`kata_ipu.rootfs.leftovers.cleanup_leftovers`
+removes what a writer leaves in its directory (the daemon's recovery calls it on start).
+
 * :class:`LoopExt4Writer` (the default) formats an image sized from the layers' size hints
   (else their compressed sizes), loop-mounts it, applies into the mount (restarting at the
   maximum size if the guess was too small), then resizes it offline with ``resize2fs`` to

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from kata_ipu import errors
+from kata_ipu.block.model import Device, ExportKind
 from kata_ipu.daemon import config, notify
 from kata_ipu.daemon.state import (
     BaseRecord,
@@ -86,7 +87,9 @@ async def test_state_roundtrip_and_persistence(tmp_path: Path) -> None:
     await store.put_base(BaseRecord("b1", "sha256:aa", "ext4", BaseState.READY, 1 << 20,
                                     time.time(), 0.5))
     vol = VolumeRecord("c1", "v-c1", "b1", "busybox", "sha256:aa", VolumeState.READY,
-                       "HOST_BLOCK", {"path": "/dev/loop3", "major": 7},
+                       ExportKind.HOST_BLOCK,
+                       Device("v-c1", ExportKind.HOST_BLOCK, "/dev/loop3", 1 << 20, "v-c1",
+                              major=7, minor=3),
                        {"io.kubernetes.cri.sandbox-id": "s"}, time.time())
     await store.put_volume(vol)
     await store.add_lease("image:sha256:aa", "sha256:layer1")
@@ -120,7 +123,7 @@ async def test_prepare_view_reads_volume_image_and_its_base_together(tmp_path: P
     await store.put_base(base)
     await store.put_base(BaseRecord("xfs-aa", "sha256:aa", "xfs", BaseState.READY))
     vol = VolumeRecord("c1", "c1", "ext4-aa", "reg/busybox:1", "sha256:aa",
-                       VolumeState.READY, "HOST_BLOCK", created_at=1.0)
+                       VolumeState.READY, ExportKind.HOST_BLOCK, created_at=1.0)
     await store.put_volume(vol)
 
     def ext4(digest: str) -> str:
@@ -141,7 +144,7 @@ async def test_state_serializes_concurrent_writers(tmp_path: Path) -> None:
     store = await StateStore.open(tmp_path / "state.db")
     await asyncio.gather(*(
         store.put_volume(VolumeRecord(f"c{i}", f"v{i}", "b", "img", "d", VolumeState.READY,
-                                      "HOST_BLOCK", created_at=float(i)))
+                                      ExportKind.HOST_BLOCK, created_at=float(i)))
         for i in range(200)))
     assert len(await store.list_volumes()) == 200
     await store.close()
@@ -191,7 +194,7 @@ def test_sd_notify_sends_ready(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 def test_out_of_space_is_found_in_the_cause_chain() -> None:
     import errno as _errno
 
-    from kata_ipu.daemon.engine import _out_of_space
+    from kata_ipu.daemon.faults import out_of_space as _out_of_space
     from kata_ipu.executor import CommandFailed, Completed
 
     failed = CommandFailed(Completed(("mkfs.ext4",), 1, b"", b"No space left on device", 0.1))
