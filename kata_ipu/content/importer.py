@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from kata_ipu.content.digest import new_hasher, split_digest
 from kata_ipu.content.errors import DigestMismatch, InvalidLayout
 from kata_ipu.content.ingest import IngestWriter
 from kata_ipu.content.store import ContentStore
-from kata_ipu.image import mediatypes as mt
-from kata_ipu.image.manifest import (
+from kata_ipu.oci import mediatypes as mt
+from kata_ipu.oci.digest import new_hasher, split_digest
+from kata_ipu.oci.manifest import (
     Descriptor,
     Index,
     Manifest,

@@ -21,9 +21,9 @@ import os
 from pathlib import Path
 from types import TracebackType
 
-from kata_ipu.content.digest import Hasher, new_hasher, split_digest
 from kata_ipu.content.errors import DigestMismatch, IngestBusy, SizeMismatch
 from kata_ipu.content.status import BlobState, BlobStatus
+from kata_ipu.oci.digest import Hasher, new_hasher, split_digest
 
 log = logging.getLogger("kata_ipu.content")
 

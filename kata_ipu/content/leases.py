@@ -22,7 +22,7 @@ from pathlib import Path
 
 from kata_ipu.content.errors import InvalidLayout
 from kata_ipu.errors import InvalidArgument, NotFound
-from kata_ipu.image.manifest import Descriptor, parse_descriptor
+from kata_ipu.oci.manifest import Descriptor, parse_descriptor
 
 _LEASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,200}$")
 

@@ -32,14 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kata_ipu.content.digest import digest_bytes, split_digest
 from kata_ipu.content.errors import BlobNotFound, InvalidLayout, RefNotFound
 from kata_ipu.content.follow import BlobFollower
 from kata_ipu.content.ingest import IngestWriter, fsync_dir
 from kata_ipu.content.leases import LeaseManager
 from kata_ipu.content.status import BlobProgress, BlobState, BlobStatus
-from kata_ipu.image import mediatypes as mt
-from kata_ipu.image.manifest import (
+from kata_ipu.oci import mediatypes as mt
+from kata_ipu.oci.digest import digest_bytes, split_digest
+from kata_ipu.oci.manifest import (
     Descriptor,
     ImageConfig,
     Index,

@@ -25,14 +25,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kata_ipu.content.digest import digest_bytes
 from kata_ipu.content.status import BlobProgress, BlobStatus
 from kata_ipu.content.store import ContentStore
 from kata_ipu.errors import NotFound
-from kata_ipu.image import mediatypes as mt
 from kata_ipu.image.credentials import CredentialChain, Credentials, default_credentials
 from kata_ipu.image.hosts import hosts_for
-from kata_ipu.image.manifest import (
+from kata_ipu.image.reference import Reference, parse_reference
+from kata_ipu.image.registry import RegistryClient, RetryPolicy
+from kata_ipu.image.transport import HttpTransport, Timeouts
+from kata_ipu.log import bind
+from kata_ipu.oci import mediatypes as mt
+from kata_ipu.oci.digest import digest_bytes
+from kata_ipu.oci.manifest import (
     Descriptor,
     ImageConfig,
     Index,
@@ -43,11 +47,7 @@ from kata_ipu.image.manifest import (
     parse_manifest,
     to_oci_manifest,
 )
-from kata_ipu.image.platform import Platform, host_platform, match_rank
-from kata_ipu.image.reference import Reference, parse_reference
-from kata_ipu.image.registry import RegistryClient, RetryPolicy
-from kata_ipu.image.transport import HttpTransport, Timeouts
-from kata_ipu.log import bind
+from kata_ipu.oci.platform import Platform, host_platform, match_rank
 
 log = logging.getLogger("kata_ipu.image")
 

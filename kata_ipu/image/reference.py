@@ -14,8 +14,8 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from kata_ipu.content.digest import InvalidDigest, validate_digest
 from kata_ipu.errors import InvalidArgument
+from kata_ipu.oci.digest import InvalidDigest, validate_digest
 
 DOCKER_HUB = "docker.io"
 DEFAULT_TAG = "latest"

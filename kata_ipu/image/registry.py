@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urljoin, urlsplit
 
-from kata_ipu.content.digest import split_digest
 from kata_ipu.content.errors import DigestMismatch, SizeMismatch
 from kata_ipu.content.ingest import IngestWriter
 from kata_ipu.errors import (
@@ -36,13 +35,14 @@ from kata_ipu.errors import (
     Unauthenticated,
     Unavailable,
 )
-from kata_ipu.image import mediatypes as mt
 from kata_ipu.image.auth import Authorizer
 from kata_ipu.image.credentials import CredentialSource
 from kata_ipu.image.hosts import RegistryHost
-from kata_ipu.image.manifest import Descriptor, detect_media_type
 from kata_ipu.image.reference import Reference
 from kata_ipu.image.transport import HttpTransport, Response, Timeouts
+from kata_ipu.oci import mediatypes as mt
+from kata_ipu.oci.digest import split_digest
+from kata_ipu.oci.manifest import Descriptor, detect_media_type
 
 log = logging.getLogger("kata_ipu.image.registry")
 

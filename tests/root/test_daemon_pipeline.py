@@ -20,10 +20,10 @@ import pytest
 
 from kata_ipu import api, errors
 from kata_ipu.api import kataipu_pb2 as pb
-from kata_ipu.image.manifest import Descriptor
 from kata_ipu.image.pull import Puller
 from kata_ipu.image.reference import parse_reference
 from kata_ipu.image.registry import RegistryClient
+from kata_ipu.oci.manifest import Descriptor
 from kata_ipu.rootfs.mount import mounted
 from kata_ipu.testing import treecmp
 from kata_ipu.testing.daemon import IpuDaemon, running

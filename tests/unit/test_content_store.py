@@ -13,13 +13,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kata_ipu.content import gc
-from kata_ipu.content.digest import InvalidDigest, digest_bytes
 from kata_ipu.content.errors import DigestMismatch, IngestBusy, SizeMismatch
 from kata_ipu.content.ingest import IngestWriter
 from kata_ipu.content.status import BlobState, BlobStatus
 from kata_ipu.content.store import ContentStore
-from kata_ipu.image import mediatypes as mt
-from kata_ipu.image.manifest import Descriptor
+from kata_ipu.oci import mediatypes as mt
+from kata_ipu.oci.digest import InvalidDigest, digest_bytes
+from kata_ipu.oci.manifest import Descriptor
 
 
 def desc(data: bytes, media_type: str = mt.OCI_LAYER) -> Descriptor:
