@@ -3,7 +3,7 @@
 One implementation for every hand-coded message in the project: the ttrpc envelopes
 (:mod:`kata_ipu.ttrpc.wire`), the few containerd Task API messages the shim rewrites
 (:mod:`shim_hooks.taskapi`) and the Kata agent messages of the VM tests
-(:mod:`kata_ipu.testing.agentproto`). Stdlib only and no asyncio, so the shim's one-shot
+(:mod:`tests.support.agentproto`). Stdlib only and no asyncio, so the shim's one-shot
 ``start``/``delete`` actions and the guest's Debian python3 can import it cheaply; generated
 code is avoided there because Debian's python3-protobuf cannot load current protoc output.
 """

@@ -40,8 +40,8 @@ from pathlib import Path
 
 from kata_ipu.block.qsd import QmpLink
 from kata_ipu.executor import DEFAULT, CommandFailed, Executor
-from kata_ipu.testing.cache import cache_dir as test_cache_dir
-from kata_ipu.testing.cache import locked
+from tests.support.cache import cache_dir as test_cache_dir
+from tests.support.cache import locked
 
 META_PACKAGE = "linux-image-cloud-amd64"
 
