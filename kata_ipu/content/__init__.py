@@ -6,6 +6,7 @@ still being written), :mod:`.status` (progress objects), :mod:`.leases` (GC hold
 (mark-and-sweep with a high-water mark), :mod:`.importer` (OCI layout directories and
 docker-archive tarballs), :mod:`.errors`.
 
-Imports: :mod:`kata_ipu.oci` (digests, media types, descriptors, manifests) and
-:mod:`kata_ipu.errors` only; never :mod:`kata_ipu.image` (which imports ``content``).
+Imports: :mod:`kata_ipu.oci` (digests, media types, descriptors, manifests),
+:mod:`kata_ipu.osutil` (atomic writes) and :mod:`kata_ipu.errors` only; never
+:mod:`kata_ipu.image` (which imports ``content``).
 """

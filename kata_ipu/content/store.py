@@ -34,7 +34,7 @@ from typing import Any
 
 from kata_ipu.content.errors import BlobNotFound, InvalidLayout, RefNotFound
 from kata_ipu.content.follow import BlobFollower
-from kata_ipu.content.ingest import IngestWriter, fsync_dir
+from kata_ipu.content.ingest import IngestWriter
 from kata_ipu.content.leases import LeaseManager
 from kata_ipu.content.status import BlobProgress, BlobState, BlobStatus
 from kata_ipu.oci import mediatypes as mt
@@ -50,6 +50,7 @@ from kata_ipu.oci.manifest import (
     parse_index,
     parse_manifest,
 )
+from kata_ipu.osutil.atomicfile import write_atomic
 
 log = logging.getLogger("kata_ipu.content")
 
@@ -420,10 +421,4 @@ async def _await_thread_future(fut: concurrent.futures.Future[FetchResult]) -> F
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    write_atomic(path, data, durable=True)
