@@ -162,57 +162,50 @@ def _section(data: dict[str, Any], name: str, cls: type[Any], where: str) -> Any
     unknown = set(raw) - set(known)
     if unknown:
         raise InvalidArgument(f"{where}: unknown key(s) in [{name}]: {', '.join(sorted(unknown))}")
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        ref = known[key].default
-        label = f"{where}: [{name}] {key}"
-        if key in ("min_size", "max_size", "pool_size"):
-            values[key] = parse_size(value, label)
-        elif isinstance(ref, bool):
-            if not isinstance(value, bool):
-                raise InvalidArgument(f"{label} must be true or false")
-            values[key] = value
-        elif isinstance(ref, float):
-            if not isinstance(value, int | float) or isinstance(value, bool):
-                raise InvalidArgument(f"{label} must be a number")
-            values[key] = float(value)
-        elif isinstance(ref, int):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise InvalidArgument(f"{label} must be a whole number >= 0")
-            values[key] = value
-        elif isinstance(ref, tuple):
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise InvalidArgument(f"{label} must be a list of strings")
-            values[key] = tuple(value)
-        else:
-            if not isinstance(value, str):
-                raise InvalidArgument(f"{label} must be a string")
-            values[key] = value
+    values = {key: _value(key, value, known[key].default, f"{where}: [{name}] {key}")
+              for key, value in raw.items()}
     return cls(**values)
 
 
-def load(path: str | Path | None, *, root: str | None = None,
-         addresses: list[str] | None = None, metrics: str | None = None,
-         required: bool = False) -> Config:
-    """Read the TOML file (missing is fine unless ``required``), then apply flag overrides."""
-    where = str(path or DEFAULT_CONFIG)
-    data: dict[str, Any] = {}
-    p = Path(where)
-    if p.exists():
+def _value(key: str, value: Any, ref: Any, label: str) -> Any:
+    """``value`` checked against the type of the field's default ``ref``."""
+    if key in ("min_size", "max_size", "pool_size"):
+        return parse_size(value, label)
+    if isinstance(ref, bool):
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"{label} must be true or false")
+        return value
+    if isinstance(ref, float):
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise InvalidArgument(f"{label} must be a number")
+        return float(value)
+    if isinstance(ref, int):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidArgument(f"{label} must be a whole number >= 0")
+        return value
+    if isinstance(ref, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InvalidArgument(f"{label} must be a list of strings")
+        return tuple(value)
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{label} must be a string")
+    return value
+
+
+def _read_toml(path: Path, *, required: bool) -> dict[str, Any]:
+    """The TOML at ``path``; empty when it is missing (an error when ``required``)."""
+    if path.exists():
         try:
-            data = tomllib.loads(p.read_text())
+            return tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidArgument(f"{where}: not valid TOML") from exc
-    elif required:
-        raise InvalidArgument(f"{where}: config file not found")
-    sections = {
-        "tcp": _section(data, "tcp", TcpConfig, where),
-        "metrics": _section(data, "metrics", MetricsConfig, where),
-        "image": _section(data, "image", ImageConfig, where),
-        "rootfs": _section(data, "rootfs", RootfsConfig, where),
-        "block": _section(data, "block", BlockConfig, where),
-        "gc": _section(data, "gc", GcConfig, where),
-    }
+            raise InvalidArgument(f"{path}: not valid TOML") from exc
+    if required:
+        raise InvalidArgument(f"{path}: config file not found")
+    return {}
+
+
+def _top_level(data: dict[str, Any], where: str) -> tuple[str, list[str], int]:
+    """(root, addresses, socket mode) popped from ``data``, which must then be empty."""
     cfg_root = data.pop("root", DEFAULT_ROOT)
     cfg_addresses = data.pop("addresses", [DEFAULT_ADDRESS])
     mode_text = data.pop("socket_mode", "0660")
@@ -226,6 +219,24 @@ def load(path: str | Path | None, *, root: str | None = None,
         mode = int(str(mode_text), 8)
     except ValueError as exc:
         raise InvalidArgument(f"{where}: socket_mode {mode_text!r} is not octal") from exc
+    return cfg_root, cfg_addresses, mode
+
+
+def load(path: str | Path | None, *, root: str | None = None,
+         addresses: list[str] | None = None, metrics: str | None = None,
+         required: bool = False) -> Config:
+    """Read the TOML file (missing is fine unless ``required``), then apply flag overrides."""
+    where = str(path or DEFAULT_CONFIG)
+    data = _read_toml(Path(where), required=required)
+    sections = {
+        "tcp": _section(data, "tcp", TcpConfig, where),
+        "metrics": _section(data, "metrics", MetricsConfig, where),
+        "image": _section(data, "image", ImageConfig, where),
+        "rootfs": _section(data, "rootfs", RootfsConfig, where),
+        "block": _section(data, "block", BlockConfig, where),
+        "gc": _section(data, "gc", GcConfig, where),
+    }
+    cfg_root, cfg_addresses, mode = _top_level(data, where)
     if root is not None:
         cfg_root = root
     if addresses:

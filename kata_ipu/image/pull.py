@@ -192,25 +192,8 @@ class Puller:
                     name: str | None,
                     on_manifest: Callable[[PullPlan], None] | None = None) -> PulledImage:
         client = self.client(ref.registry)
-        resolved = await asyncio.to_thread(client.resolve, ref)
-        top = resolved.descriptor
-        node = parse_any(resolved.data, media_type=top.media_type, where=f"{ref} ({top.digest})")
-        index_desc: Descriptor | None = None
-        index_data = b""
-        manifest_desc, manifest_data = top, resolved.data
-        depth = 0
-        while isinstance(node, Index):
-            depth += 1
-            if depth > 2:
-                raise InvalidManifest(str(ref), "nested indexes deeper than 2")
-            index_desc, index_data = manifest_desc, manifest_data
-            chosen = select_platform(node, want, f"{ref} ({manifest_desc.digest})")
-            manifest_data = await asyncio.to_thread(client.fetch_manifest, ref.repository,
-                                                    chosen)
-            manifest_desc = Descriptor(chosen.media_type, chosen.digest, chosen.size,
-                                       platform=chosen.platform)
-            node = parse_any(manifest_data, media_type=chosen.media_type,
-                             where=f"{ref} ({chosen.digest})")
+        index_desc, index_data, manifest_desc, manifest_data = await _resolve_manifest(
+            client, ref, want)
         manifest = parse_manifest(manifest_data, media_type=manifest_desc.media_type,
                                   where=f"{ref} ({manifest_desc.digest})")
         blobs = (manifest.config, *manifest.layers)
@@ -286,6 +269,31 @@ class Puller:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+
+
+async def _resolve_manifest(client: RegistryClient, ref: Reference, want: Platform
+                            ) -> tuple[Descriptor | None, bytes, Descriptor, bytes]:
+    """``(index descriptor or None, index bytes, manifest descriptor, manifest bytes)`` of
+    ``ref``: the registry's answer, through at most two levels of index by platform."""
+    resolved = await asyncio.to_thread(client.resolve, ref)
+    top = resolved.descriptor
+    node = parse_any(resolved.data, media_type=top.media_type, where=f"{ref} ({top.digest})")
+    index_desc: Descriptor | None = None
+    index_data = b""
+    manifest_desc, manifest_data = top, resolved.data
+    depth = 0
+    while isinstance(node, Index):
+        depth += 1
+        if depth > 2:
+            raise InvalidManifest(str(ref), "nested indexes deeper than 2")
+        index_desc, index_data = manifest_desc, manifest_data
+        chosen = select_platform(node, want, f"{ref} ({manifest_desc.digest})")
+        manifest_data = await asyncio.to_thread(client.fetch_manifest, ref.repository, chosen)
+        manifest_desc = Descriptor(chosen.media_type, chosen.digest, chosen.size,
+                                   platform=chosen.platform)
+        node = parse_any(manifest_data, media_type=chosen.media_type,
+                         where=f"{ref} ({chosen.digest})")
+    return index_desc, index_data, manifest_desc, manifest_data
 
 
 async def pull(ref: str, store: ContentStore, **kwargs: object) -> PulledImage:

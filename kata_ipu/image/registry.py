@@ -97,6 +97,16 @@ class _Fallback(Exception):
         self.error = error
 
 
+@dataclass
+class _Hop:
+    """Where one attempt of a request has got to: its URL after redirects, and the
+    ``Authorization`` it sent (``None`` when none)."""
+
+    url: str
+    redirects: int = 0
+    sent_auth: str | None = None
+
+
 class RegistryClient:
     """See the module docstring."""
 
@@ -129,29 +139,11 @@ class RegistryClient:
         attempt = 0
         auth_retried = False
         while True:
-            url, redirects, sent_auth = start_url, 0, None
+            hop = _Hop(start_url)
             try:
-                while True:
-                    h = {**host.headers, **headers}
-                    same_host = urlsplit(url).netloc == host.netloc and url.startswith(
-                        host.scheme + "://")
-                    if same_host and redirects == 0:
-                        sent_auth = self.auth.header(host, scope)
-                        if sent_auth:
-                            h["Authorization"] = sent_auth
-                    resp = self.transport.open(method, url, h, host=host if same_host else None,
-                                               timeouts=self.timeouts)
-                    if resp.status in _REDIRECTS and resp.header("Location"):
-                        location = resp.header("Location") or ""
-                        resp.close()
-                        redirects += 1
-                        if redirects > 10:
-                            raise RegistryUnavailable(f"{what}: too many redirects")
-                        url = urljoin(url, location)
-                        log.debug("redirect", extra={"to": url})
-                        continue
-                    break
+                resp = self._follow(host, method, headers, scope, hop, what=what)
             except (OSError, http.client.HTTPException) as exc:
+                url = hop.url
                 attempt += 1
                 if attempt >= self.retry.attempts:
                     raise RegistryUnavailable(f"{what}: {url}: {exc or type(exc).__name__}") \
@@ -160,7 +152,8 @@ class RegistryClient:
                                                "attempt": attempt})
                 self.retry.backoff(attempt)
                 continue
-            if resp.status == 401 and redirects == 0:
+            url, sent_auth = hop.url, hop.sent_auth
+            if resp.status == 401 and hop.redirects == 0:
                 challenge = resp.header("WWW-Authenticate")
                 resp.close()
                 if not auth_retried and self.auth.challenged(host, challenge, scope, sent_auth):
@@ -181,6 +174,30 @@ class RegistryClient:
                 self.retry.backoff(attempt)
                 continue
             return resp
+
+    def _follow(self, host: RegistryHost, method: str, headers: Mapping[str, str], scope: str,
+                hop: _Hop, *, what: str) -> Response:
+        """One attempt: send to ``hop.url`` and follow redirects, recording them in ``hop``
+        (authorization goes to ``host`` itself only, before any redirect)."""
+        while True:
+            h = {**host.headers, **headers}
+            same_host = urlsplit(hop.url).netloc == host.netloc and hop.url.startswith(
+                host.scheme + "://")
+            if same_host and hop.redirects == 0:
+                hop.sent_auth = self.auth.header(host, scope)
+                if hop.sent_auth:
+                    h["Authorization"] = hop.sent_auth
+            resp = self.transport.open(method, hop.url, h, host=host if same_host else None,
+                                       timeouts=self.timeouts)
+            if not (resp.status in _REDIRECTS and resp.header("Location")):
+                return resp
+            location = resp.header("Location") or ""
+            resp.close()
+            hop.redirects += 1
+            if hop.redirects > 10:
+                raise RegistryUnavailable(f"{what}: too many redirects")
+            hop.url = urljoin(hop.url, location)
+            log.debug("redirect", extra={"to": hop.url})
 
     def _hosts(self, capability: str) -> list[RegistryHost]:
         return [h for h in self.hosts if capability in h.capabilities]
