@@ -14,6 +14,9 @@ layout if needed. Blobs arrive through :meth:`fetch` (async, single-flight per d
 work in the store's thread pool) or :meth:`write_blob` (small JSON blobs). :meth:`close` stops the
 thread pool. Typed accessors (:meth:`blob_path`, :meth:`read_manifest`, :meth:`read_config`, ...)
 are what the rootfs builder uses.
+
+Size (over ~400 lines): the store's typed accessors and its single-flight fetch share the
+layout lock and thread pool; ingest, follow, leases and GC are already modules of their own.
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ resumes blob downloads with ``Range``; aborts a download that receives no byte f
 
 Lifecycle: construct once per registry (it caches tokens), call :meth:`RegistryClient.resolve`,
 :meth:`fetch_manifest` and :meth:`fetch_blob` from any thread; it holds no open connections.
+
+Size (over ~400 lines): one client and its request core (auth, retries, redirects, resume,
+stall timeouts); the pieces share the per-request retry state, so splitting them would pass
+that state across modules.
 """
 
 from __future__ import annotations

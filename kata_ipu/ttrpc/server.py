@@ -19,6 +19,10 @@ its shims and Go clients see identical behaviour:
 * other frame types (v1.2 Data) are ignored, as the v1.1 server does.
 
 When a connection drops, its in-flight handlers are cancelled (Go cancels their context).
+
+Size (over ~400 lines): the connection protocol, the call tasks and the listener share the
+server's run state (in-flight calls, shutdown); wire, frame, streams, metadata and address are
+separate modules already.
 """
 
 from __future__ import annotations

@@ -28,6 +28,9 @@ times>``, ``AGENT-REMOVED <cid> mounts-left=<n>``. Every runc call and hook has 
 
 Errors carry the guest_hooks kind: device-timeout → DEADLINE_EXCEEDED, wrong-fstype and bad
 input → INVALID_ARGUMENT, already-mounted → ALREADY_EXISTS, fsck-failed → DATA_LOSS.
+
+Size (~400 lines): one stand-in agent, a method per Kata agent RPC it serves; it is copied
+into the guest as one file beside its codec (agentproto.py).
 """
 
 from __future__ import annotations
