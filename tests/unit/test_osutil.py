@@ -126,3 +126,54 @@ def test_sd_notify_sends_ready(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.delenv("NOTIFY_SOCKET")
     assert not notify.ready()
 
+
+
+_MOUNTINFO = """\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+30 22 0:5 / /proc rw,nosuid shared:2 - proc proc rw
+41 22 7:3 / {root}/a\\040b rw - ext4 /dev/loop3 rw
+42 41 0:40 / {root}/a\\040b/deep rw - tmpfs tmp\\134fs rw
+43 22 7:4 / {root}/ab rw - xfs /dev/loop4 rw
+44 22 7:5 / {root}/other rw - ext4 /dev/loop5 rw
+45 44 7:6 / {root}/other rw - erofs /dev/loop6 ro
+"""
+
+
+def _table(tmp_path: Path) -> str:
+    root = os.path.realpath(tmp_path)
+    path = tmp_path / "mountinfo"
+    path.write_text(_MOUNTINFO.format(root=root))
+    return str(path)
+
+
+def test_mounts_under_a_prefix_deepest_first(tmp_path: Path) -> None:
+    from kata_ipu.osutil.mountinfo import mounts_under
+
+    table, root = _table(tmp_path), os.path.realpath(tmp_path)
+    assert mounts_under(tmp_path / "a b", table=table) == [f"{root}/a b/deep", f"{root}/a b"]
+    assert mounts_under(tmp_path / "a", table=table) == []  # "a b" and "ab" are not below "a"
+    assert mounts_under(tmp_path / "none", table=table) == []
+
+
+def test_mount_source_is_the_topmost_mount(tmp_path: Path) -> None:
+    from kata_ipu.osutil.mountinfo import mount_source
+
+    table = _table(tmp_path)
+    assert mount_source(tmp_path / "a b" / "deep", table=table) == ("tmp\\fs", "tmpfs")
+    assert mount_source(tmp_path / "other", table=table) == ("/dev/loop6", "erofs")
+    assert mount_source(tmp_path / "none", table=table) is None
+
+
+def test_device_is_mounted(tmp_path: Path) -> None:
+    from kata_ipu.osutil.mountinfo import device_is_mounted
+
+    table = _table(tmp_path)
+    assert device_is_mounted(7, 3, table=table)
+    assert not device_is_mounted(7, 9, table=table)
+
+
+def test_the_live_table_has_proc() -> None:
+    from kata_ipu.osutil.mountinfo import mount_source, mounts_under
+
+    assert mount_source("/proc") is not None and mount_source("/proc")[1] == "proc"
+    assert "/proc" in mounts_under("/proc")
