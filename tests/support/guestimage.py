@@ -9,8 +9,9 @@ Three pieces, each cached outside the repository under :func:`tests.support.gues
   ``mkfs.ext4 -d``. The key is the hash of the recipe (suite, mirror, package list, trim list,
   :data:`RECIPE_VERSION`), so the slow build (minutes) happens once per recipe, never per code
   change. The cache is never required: a missing image is built.
-* :func:`project_payload` — the project's guest code (``guest_hooks/``, ``kata_ipu/ttrpc/``, the
-  test agent and its codec), read from this checkout, so every run tests the current code.
+* :func:`project_payload` — the project's guest code (``guest_hooks/``, ``kata_ipu/ttrpc/`` and
+  the ``kata_ipu/osutil/`` it imports, the test agent and its codec), read from this checkout,
+  so every run tests the current code.
 * :func:`boot_initramfs` — busybox + the virtio modules + :data:`BOOT_INIT` + the payload. The
   init is "tiny" on purpose (Kata's agent-as-init shape): it loads the modules, finds the root
   disk by its virtio serial, mounts it read-only under a tmpfs overlay, copies the payload to
@@ -54,7 +55,7 @@ PAYLOAD_FILES = (
     "tests/support/agentproto.py",
     "tests/support/guest_agent.py",
 )
-PAYLOAD_DIRS = ("kata_ipu/ttrpc", "guest_hooks")
+PAYLOAD_DIRS = ("kata_ipu/ttrpc", "kata_ipu/osutil", "guest_hooks")
 
 BOOT_INIT = r"""#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /lower /up /newroot /tmp

@@ -76,3 +76,23 @@ TESTING = sorted(p.stem for p in (ROOT / "kata_ipu" / "testing").glob("*.py")
 def test_public_testing_fixtures_do_not_import_guest_hooks(module: str) -> None:
     loaded = _loaded_after(f"import kata_ipu.testing.{module}")
     assert not {m for m in loaded if m.split(".")[0] == "guest_hooks"}
+
+
+def test_the_guest_payload_holds_every_project_module_it_imports() -> None:
+    """The VM guest runs the payload with Debian's python3 and nothing else of the project:
+    a module a payload file imports but the payload lacks fails only at guest boot."""
+    from tests.support.guestimage import project_payload
+
+    payload = {p.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+               for p in project_payload()}
+    missing: dict[str, set[str]] = {}
+    for rel, data in project_payload().items():
+        for node in ast.walk(ast.parse(data, rel)):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.module
+                     and node.level == 0 else [])
+            for name in names:
+                if name.split(".")[0] in ("kata_ipu", "guest_hooks", "tests") and \
+                        name not in payload:
+                    missing.setdefault(rel, set()).add(name)
+    assert missing == {}
