@@ -114,6 +114,18 @@ def _ctr_run(daemon: IpuDaemon, workdir: Path, ref: str) -> list[tuple[float, st
     return runs
 
 
+def _build_and_push(workdir: Path, registry: str) -> str:
+    """Build the demo image (busybox plus a motd layer) and push it; its reference."""
+    layout = OciLayout(workdir / "oci")
+    base = LayerBuilder().tree(busybox_tree(workdir / "tree")).build()
+    app = LayerBuilder().file(
+        "etc/motd", b"hello from a kata-ipu block-device rootfs\n").build()
+    layout.add_image([base, app], ref="demo")
+    ref = f"{registry}/demo/busybox:demo"
+    push(workdir / "oci", "demo", ref)
+    return ref
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kata-ipu-demo", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", help="scratch directory (default: a new temp dir, removed)")
@@ -131,13 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             (workdir / sub).mkdir(exist_ok=True)
         with RegistryServer(workdir / "registry") as registry:
             print(f"1. building an image and pushing it to {registry.address}")
-            layout = OciLayout(workdir / "oci")
-            base = LayerBuilder().tree(busybox_tree(workdir / "tree")).build()
-            app = LayerBuilder().file(
-                "etc/motd", b"hello from a kata-ipu block-device rootfs\n").build()
-            layout.add_image([base, app], ref="demo")
-            ref = f"{registry.address}/demo/busybox:demo"
-            push(workdir / "oci", "demo", ref)
+            ref = _build_and_push(workdir, registry.address)
 
             print("2. starting kata-ipud (software IPU, file backend)")
             daemon = IpuDaemon(workdir / "ipu", pool_size="4G")

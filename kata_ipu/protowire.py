@@ -3,7 +3,7 @@
 One implementation for every hand-coded message in the project: the ttrpc envelopes
 (:mod:`kata_ipu.ttrpc.wire`), the few containerd Task API messages the shim rewrites
 (:mod:`shim_hooks.taskapi`) and the Kata agent messages of the VM tests
-(:mod:`kata_ipu.testing.agentproto`). Stdlib only and no asyncio, so the shim's one-shot
+(:mod:`tests.support.agentproto`). Stdlib only and no asyncio, so the shim's one-shot
 ``start``/``delete`` actions and the guest's Debian python3 can import it cheaply; generated
 code is avoided there because Debian's python3-protobuf cannot load current protoc output.
 """
@@ -36,6 +36,25 @@ def read_varint(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
             raise WireError("varint longer than 10 bytes")
 
 
+def _read_value(buf: bytes | memoryview, pos: int, end: int, number: int, wt: int
+                ) -> tuple[int | bytes, int]:
+    """The value of a varint, length-delimited or fixed field at ``pos``, and the position
+    after it."""
+    if wt == VARINT:
+        return read_varint(buf, pos, end)
+    if wt == LEN:
+        length, pos = read_varint(buf, pos, end)
+        if length > end - pos:
+            raise WireError(f"field {number}: length {length} runs past the message end")
+        return bytes(buf[pos:pos + length]), pos + length
+    if wt in (I64, I32):
+        size = 8 if wt == I64 else 4
+        if pos + size > end:
+            raise WireError(f"field {number}: truncated fixed{size * 8}")
+        return int.from_bytes(buf[pos:pos + size], "little"), pos + size
+    raise WireError(f"field {number}: invalid wire type {wt}")
+
+
 def iter_fields(buf: bytes | memoryview) -> list[Field]:
     """``(field number, wire type, value)``: ints for varint/fixed, bytes for length-delimited;
     groups are skipped."""
@@ -47,31 +66,15 @@ def iter_fields(buf: bytes | memoryview) -> list[Field]:
         number, wt = key >> 3, key & 7
         if number == 0:
             raise WireError("field number 0 is invalid")
-        value: int | bytes
-        if wt == VARINT:
-            value, pos = read_varint(buf, pos, end)
-        elif wt == LEN:
-            length, pos = read_varint(buf, pos, end)
-            if length > end - pos:
-                raise WireError(f"field {number}: length {length} runs past the message end")
-            value = bytes(buf[pos:pos + length])
-            pos += length
-        elif wt in (I64, I32):
-            size = 8 if wt == I64 else 4
-            if pos + size > end:
-                raise WireError(f"field {number}: truncated fixed{size * 8}")
-            value = int.from_bytes(buf[pos:pos + size], "little")
-            pos += size
-        elif wt == SGROUP:
+        if wt == SGROUP:
             depth += 1
             continue
-        elif wt == EGROUP:
+        if wt == EGROUP:
             depth -= 1
             if depth < 0:
                 raise WireError(f"field {number}: unbalanced end of group")
             continue
-        else:
-            raise WireError(f"field {number}: invalid wire type {wt}")
+        value, pos = _read_value(buf, pos, end, number, wt)
         if depth == 0:
             out.append((number, wt, value))
     if depth:

@@ -508,30 +508,9 @@ async def serve(cfg: ShimConfig, delegate_address: str, listen: str, namespace: 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    remember: asyncio.TimerHandle | None = None
     tasks: set[asyncio.Future[None]] = set()
-    if bundle is not None and record is not None:
-        def remember_pid(pid: int) -> None:
-            if remember is not None:
-                remember.cancel()
-            bundles.write_json(bundle / bundles.SHIM_RECORD, {**record, "delegate_pid": pid})
-
-        async def ask_pid() -> None:
-            try:
-                reply = await delegate.call(TASK_SERVICE, "Connect", id_request(cid), timeout=5,
-                                            metadata=Metadata([(NAMESPACE_KEY, namespace)]))
-            except KataIpuError as exc:
-                log.debug("delegate Connect failed: %s", exc)
-                return
-            if proxy.on_delegate_pid is not None and (pid := decode_connect_response(reply)[0]):
-                proxy.on_delegate_pid = None
-                remember_pid(pid)
-
-        # containerd's own Connect (right after Create) tells the pid for free; asking the
-        # delegate now would put a call on the container's critical path
-        proxy.on_delegate_pid = remember_pid
-        remember = loop.call_later(REMEMBER_DELAY,
-                                   lambda: tasks.add(asyncio.ensure_future(ask_pid())))
+    remember = (_remember_delegate_pid(proxy, delegate, bundle, record, cid, namespace, tasks)
+                if bundle is not None and record is not None else None)
     closed = asyncio.ensure_future(delegate.wait_closed())
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait({closed, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -547,6 +526,38 @@ async def serve(cfg: ShimConfig, delegate_address: str, listen: str, namespace: 
         # The runc shim removes the socket named in <bundle>/address on exit, which is ours;
         # its own is left behind: remove it once nobody answers there.
         _remove_dead_socket(delegate_address)
+
+
+def _remember_delegate_pid(proxy: TaskProxy, delegate: Client, bundle: Path,
+                           record: dict[str, object], cid: str, namespace: str,
+                           tasks: set[asyncio.Future[None]]) -> asyncio.TimerHandle:
+    """Add the delegate's pid to the bundle's shim record (so that ``delete`` can stop a
+    delegate whose proxy was killed): from containerd's own ``Connect`` (right after
+    ``Create``), which tells it for free, or by asking the delegate after
+    :data:`REMEMBER_DELAY` (asking at once would put a call on the container's critical
+    path). Returns the timer of that question (cancelled when the proxy stops)."""
+    remember: asyncio.TimerHandle | None = None
+
+    def remember_pid(pid: int) -> None:
+        if remember is not None:
+            remember.cancel()
+        bundles.write_json(bundle / bundles.SHIM_RECORD, {**record, "delegate_pid": pid})
+
+    async def ask_pid() -> None:
+        try:
+            reply = await delegate.call(TASK_SERVICE, "Connect", id_request(cid), timeout=5,
+                                        metadata=Metadata([(NAMESPACE_KEY, namespace)]))
+        except KataIpuError as exc:
+            log.debug("delegate Connect failed: %s", exc)
+            return
+        if proxy.on_delegate_pid is not None and (pid := decode_connect_response(reply)[0]):
+            proxy.on_delegate_pid = None
+            remember_pid(pid)
+
+    proxy.on_delegate_pid = remember_pid
+    remember = asyncio.get_running_loop().call_later(
+        REMEMBER_DELAY, lambda: tasks.add(asyncio.ensure_future(ask_pid())))
+    return remember
 
 
 def _remove_dead_socket(address: str) -> None:

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 from kata_ipu import log as jsonlog
-from kata_ipu.daemon import notify
+from kata_ipu.osutil import notify
 from shim_hooks import handoff, procctx
 from shim_hooks.launcher import DEFAULT_SERVER
 

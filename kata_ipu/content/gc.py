@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from kata_ipu.content.errors import BlobNotFound
 from kata_ipu.content.store import ContentStore
 from kata_ipu.errors import KataIpuError
-from kata_ipu.image import mediatypes as mt
-from kata_ipu.image.manifest import Descriptor, children
+from kata_ipu.oci import mediatypes as mt
+from kata_ipu.oci.manifest import Descriptor, children
 
 log = logging.getLogger("kata_ipu.content.gc")
 

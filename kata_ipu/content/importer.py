@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from kata_ipu.content.digest import new_hasher, split_digest
 from kata_ipu.content.errors import DigestMismatch, InvalidLayout
 from kata_ipu.content.ingest import IngestWriter
 from kata_ipu.content.store import ContentStore
-from kata_ipu.image import mediatypes as mt
-from kata_ipu.image.manifest import (
+from kata_ipu.oci import mediatypes as mt
+from kata_ipu.oci.digest import new_hasher, split_digest
+from kata_ipu.oci.manifest import (
     Descriptor,
     Index,
     Manifest,
@@ -163,53 +163,62 @@ def import_docker_archive(store: ContentStore, archive: str | os.PathLike[str], 
     except (FileNotFoundError, tarfile.TarError) as exc:
         raise InvalidLayout(f"{archive} is not a readable tar archive: {exc}") from exc
     with tar:
-        names = set(tar.getnames())
-        if "manifest.json" not in names:
-            raise InvalidLayout(f"{archive} has no manifest.json (not a docker archive)")
-        with _member(tar, "manifest.json", archive) as f:
-            try:
-                entries: Any = json.load(f)
-            except ValueError as exc:
-                raise InvalidLayout(f"{archive}: manifest.json is not valid JSON") from exc
-        if not isinstance(entries, list) or not entries:
-            raise InvalidLayout(f"{archive}: manifest.json must be a non-empty list")
         out = []
-        for entry in entries:
-            if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str) or \
-                    not isinstance(entry.get("Layers"), list):
-                raise InvalidLayout(f"{archive}: manifest.json entry needs Config and Layers")
-            with _member(tar, entry["Config"], archive) as f:
-                config_bytes = f.read()
-            config = parse_config(config_bytes, where=f"{archive}:{entry['Config']}")
-            if len(config.diff_ids) != len(entry["Layers"]):
-                raise InvalidLayout(
-                    f"{archive}: {len(entry['Layers'])} layers but config has "
-                    f"{len(config.diff_ids)} diff_ids"
-                )
-            layers = []
-            for layer_name, diff_id in zip(entry["Layers"], config.diff_ids, strict=True):
-                digest, size = _hash_member(tar, layer_name, archive)
-                desc = Descriptor(_sniff_layer(tar, layer_name, archive), digest, size)
-                if desc.media_type == mt.OCI_LAYER and digest != diff_id:
-                    raise DigestMismatch(diff_id, digest,
-                                         where=f"{archive}:{layer_name} vs config diff_id")
-                if not store.has(digest):
-                    with _member(tar, layer_name, archive) as f:
-                        _copy_stream(store, desc, f)
-                layers.append(desc)
-            cfg = store.write_blob(config_bytes, mt.OCI_CONFIG)
-            manifest = {
-                "schemaVersion": 2,
-                "mediaType": mt.OCI_MANIFEST,
-                "config": cfg.to_json(),
-                "layers": [d.to_json() for d in layers],
-            }
-            mdesc = store.write_blob(json.dumps(manifest, sort_keys=True).encode(),
-                                     mt.OCI_MANIFEST)
-            tags = [name] if name else [t for t in entry.get("RepoTags") or []
-                                       if isinstance(t, str)]
-            if not tags:
-                tags = [mdesc.digest]
-            for tag in tags:
-                out.append(ImportedImage(tag, store.tag(tag, mdesc)))
+        for entry in _archive_entries(tar, archive):
+            out.extend(_import_archive_entry(store, tar, archive, entry, name))
         return out
+
+
+def _archive_entries(tar: tarfile.TarFile, archive: Path) -> list[dict[str, Any]]:
+    """The checked entries of a docker archive's ``manifest.json``."""
+    names = set(tar.getnames())
+    if "manifest.json" not in names:
+        raise InvalidLayout(f"{archive} has no manifest.json (not a docker archive)")
+    with _member(tar, "manifest.json", archive) as f:
+        try:
+            entries: Any = json.load(f)
+        except ValueError as exc:
+            raise InvalidLayout(f"{archive}: manifest.json is not valid JSON") from exc
+    if not isinstance(entries, list) or not entries:
+        raise InvalidLayout(f"{archive}: manifest.json must be a non-empty list")
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str) or \
+                not isinstance(entry.get("Layers"), list):
+            raise InvalidLayout(f"{archive}: manifest.json entry needs Config and Layers")
+    return entries
+
+
+def _import_archive_entry(store: ContentStore, tar: tarfile.TarFile, archive: Path,
+                          entry: dict[str, Any], name: str | None) -> list[ImportedImage]:
+    """Import one image of a docker archive as an OCI manifest, and tag it."""
+    with _member(tar, entry["Config"], archive) as f:
+        config_bytes = f.read()
+    config = parse_config(config_bytes, where=f"{archive}:{entry['Config']}")
+    if len(config.diff_ids) != len(entry["Layers"]):
+        raise InvalidLayout(
+            f"{archive}: {len(entry['Layers'])} layers but config has "
+            f"{len(config.diff_ids)} diff_ids"
+        )
+    layers = []
+    for layer_name, diff_id in zip(entry["Layers"], config.diff_ids, strict=True):
+        digest, size = _hash_member(tar, layer_name, archive)
+        desc = Descriptor(_sniff_layer(tar, layer_name, archive), digest, size)
+        if desc.media_type == mt.OCI_LAYER and digest != diff_id:
+            raise DigestMismatch(diff_id, digest,
+                                 where=f"{archive}:{layer_name} vs config diff_id")
+        if not store.has(digest):
+            with _member(tar, layer_name, archive) as f:
+                _copy_stream(store, desc, f)
+        layers.append(desc)
+    cfg = store.write_blob(config_bytes, mt.OCI_CONFIG)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": mt.OCI_MANIFEST,
+        "config": cfg.to_json(),
+        "layers": [d.to_json() for d in layers],
+    }
+    mdesc = store.write_blob(json.dumps(manifest, sort_keys=True).encode(), mt.OCI_MANIFEST)
+    tags = [name] if name else [t for t in entry.get("RepoTags") or [] if isinstance(t, str)]
+    if not tags:
+        tags = [mdesc.digest]
+    return [ImportedImage(tag, store.tag(tag, mdesc)) for tag in tags]

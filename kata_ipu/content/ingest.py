@@ -21,21 +21,14 @@ import os
 from pathlib import Path
 from types import TracebackType
 
-from kata_ipu.content.digest import Hasher, new_hasher, split_digest
 from kata_ipu.content.errors import DigestMismatch, IngestBusy, SizeMismatch
 from kata_ipu.content.status import BlobState, BlobStatus
+from kata_ipu.oci.digest import Hasher, new_hasher, split_digest
+from kata_ipu.osutil.atomicfile import fsync_dir
 
 log = logging.getLogger("kata_ipu.content")
 
 _REHASH_CHUNK = 1 << 20
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _lock(path: Path, *, wait: bool) -> int:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from kata_ipu.content.errors import InvalidLayout
 from kata_ipu.errors import InvalidArgument, NotFound
-from kata_ipu.image.manifest import Descriptor, parse_descriptor
+from kata_ipu.oci.manifest import Descriptor, parse_descriptor
+from kata_ipu.osutil.atomicfile import write_atomic
 
 _LEASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,200}$")
 
@@ -63,7 +64,6 @@ class LeaseManager:
     def _write(self, lease: Lease) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self._path(lease.id)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
         data = {
             "id": lease.id,
             "created": lease.created,
@@ -71,8 +71,7 @@ class LeaseManager:
             "pid": lease.pid,
             "resources": [d.to_json() for d in lease.resources],
         }
-        tmp.write_text(json.dumps(data, sort_keys=True))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(data, sort_keys=True).encode())
 
     def create(self, lease_id: str, resources: Iterable[Descriptor] = (), *,
                labels: Mapping[str, str] | None = None, temporary: bool = False) -> Lease:

@@ -14,6 +14,9 @@ layout if needed. Blobs arrive through :meth:`fetch` (async, single-flight per d
 work in the store's thread pool) or :meth:`write_blob` (small JSON blobs). :meth:`close` stops the
 thread pool. Typed accessors (:meth:`blob_path`, :meth:`read_manifest`, :meth:`read_config`, ...)
 are what the rootfs builder uses.
+
+Size (over ~400 lines): the store's typed accessors and its single-flight fetch share the
+layout lock and thread pool; ingest, follow, leases and GC are already modules of their own.
 """
 
 from __future__ import annotations
@@ -32,14 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kata_ipu.content.digest import digest_bytes, split_digest
 from kata_ipu.content.errors import BlobNotFound, InvalidLayout, RefNotFound
 from kata_ipu.content.follow import BlobFollower
-from kata_ipu.content.ingest import IngestWriter, fsync_dir
+from kata_ipu.content.ingest import IngestWriter
 from kata_ipu.content.leases import LeaseManager
 from kata_ipu.content.status import BlobProgress, BlobState, BlobStatus
-from kata_ipu.image import mediatypes as mt
-from kata_ipu.image.manifest import (
+from kata_ipu.oci import mediatypes as mt
+from kata_ipu.oci.digest import digest_bytes, split_digest
+from kata_ipu.oci.manifest import (
     Descriptor,
     ImageConfig,
     Index,
@@ -50,6 +53,7 @@ from kata_ipu.image.manifest import (
     parse_index,
     parse_manifest,
 )
+from kata_ipu.osutil.atomicfile import write_atomic
 
 log = logging.getLogger("kata_ipu.content")
 
@@ -420,10 +424,4 @@ async def _await_thread_future(fut: concurrent.futures.Future[FetchResult]) -> F
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    write_atomic(path, data, durable=True)

@@ -34,10 +34,10 @@ from kata_ipu.daemon.metrics import Metrics
 from kata_ipu.daemon.pipeline import PullGate
 from kata_ipu.daemon.state import BaseRecord, BaseState, ImageRecord, StateStore, VolumeRecord
 from kata_ipu.errors import FailedPrecondition, InvalidArgument, KataIpuError, NotFound
-from kata_ipu.image.platform import Platform, host_platform, parse_platform
 from kata_ipu.image.pull import Puller, PullPlan, PullProgress
 from kata_ipu.image.reference import Reference, parse_reference
 from kata_ipu.log import bind
+from kata_ipu.oci.platform import Platform, host_platform, parse_platform
 
 log = logging.getLogger("kata_ipu.daemon")
 

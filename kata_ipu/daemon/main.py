@@ -15,12 +15,12 @@ import sys
 
 from kata_ipu import log as kata_log
 from kata_ipu.daemon import config as config_mod
-from kata_ipu.daemon import notify
 from kata_ipu.daemon.config import Config
 from kata_ipu.daemon.engine import Engine
 from kata_ipu.daemon.metrics import Metrics
 from kata_ipu.daemon.service import IpuServices, read_token
 from kata_ipu.errors import KataIpuError
+from kata_ipu.osutil import notify
 from kata_ipu.ttrpc import Server
 
 log = logging.getLogger("kata_ipu.daemon")

@@ -27,8 +27,8 @@ from typing import BinaryIO, cast
 from kata_ipu.content.follow import BlobFollower
 from kata_ipu.content.store import ContentStore
 from kata_ipu.errors import Aborted, InvalidArgument
-from kata_ipu.image.manifest import Descriptor
 from kata_ipu.image.pull import PullPlan
+from kata_ipu.oci.manifest import Descriptor
 from kata_ipu.rootfs.errors import BlobDigestMismatch, BlobNotFound
 from kata_ipu.rootfs.oci import ImageConfig, Layer, Manifest
 from kata_ipu.rootfs.sizehint import GZIP_TAIL, ZSTD_HEAD, from_gzip_tail, from_zstd_head

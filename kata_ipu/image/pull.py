@@ -25,14 +25,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kata_ipu.content.digest import digest_bytes
 from kata_ipu.content.status import BlobProgress, BlobStatus
 from kata_ipu.content.store import ContentStore
 from kata_ipu.errors import NotFound
-from kata_ipu.image import mediatypes as mt
 from kata_ipu.image.credentials import CredentialChain, Credentials, default_credentials
 from kata_ipu.image.hosts import hosts_for
-from kata_ipu.image.manifest import (
+from kata_ipu.image.reference import Reference, parse_reference
+from kata_ipu.image.registry import RegistryClient, RetryPolicy
+from kata_ipu.image.transport import HttpTransport, Timeouts
+from kata_ipu.log import bind
+from kata_ipu.oci import mediatypes as mt
+from kata_ipu.oci.digest import digest_bytes
+from kata_ipu.oci.manifest import (
     Descriptor,
     ImageConfig,
     Index,
@@ -43,11 +47,7 @@ from kata_ipu.image.manifest import (
     parse_manifest,
     to_oci_manifest,
 )
-from kata_ipu.image.platform import Platform, host_platform, match_rank
-from kata_ipu.image.reference import Reference, parse_reference
-from kata_ipu.image.registry import RegistryClient, RetryPolicy
-from kata_ipu.image.transport import HttpTransport, Timeouts
-from kata_ipu.log import bind
+from kata_ipu.oci.platform import Platform, host_platform, match_rank
 
 log = logging.getLogger("kata_ipu.image")
 
@@ -192,25 +192,8 @@ class Puller:
                     name: str | None,
                     on_manifest: Callable[[PullPlan], None] | None = None) -> PulledImage:
         client = self.client(ref.registry)
-        resolved = await asyncio.to_thread(client.resolve, ref)
-        top = resolved.descriptor
-        node = parse_any(resolved.data, media_type=top.media_type, where=f"{ref} ({top.digest})")
-        index_desc: Descriptor | None = None
-        index_data = b""
-        manifest_desc, manifest_data = top, resolved.data
-        depth = 0
-        while isinstance(node, Index):
-            depth += 1
-            if depth > 2:
-                raise InvalidManifest(str(ref), "nested indexes deeper than 2")
-            index_desc, index_data = manifest_desc, manifest_data
-            chosen = select_platform(node, want, f"{ref} ({manifest_desc.digest})")
-            manifest_data = await asyncio.to_thread(client.fetch_manifest, ref.repository,
-                                                    chosen)
-            manifest_desc = Descriptor(chosen.media_type, chosen.digest, chosen.size,
-                                       platform=chosen.platform)
-            node = parse_any(manifest_data, media_type=chosen.media_type,
-                             where=f"{ref} ({chosen.digest})")
+        index_desc, index_data, manifest_desc, manifest_data = await _resolve_manifest(
+            client, ref, want)
         manifest = parse_manifest(manifest_data, media_type=manifest_desc.media_type,
                                   where=f"{ref} ({manifest_desc.digest})")
         blobs = (manifest.config, *manifest.layers)
@@ -286,6 +269,31 @@ class Puller:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+
+
+async def _resolve_manifest(client: RegistryClient, ref: Reference, want: Platform
+                            ) -> tuple[Descriptor | None, bytes, Descriptor, bytes]:
+    """``(index descriptor or None, index bytes, manifest descriptor, manifest bytes)`` of
+    ``ref``: the registry's answer, through at most two levels of index by platform."""
+    resolved = await asyncio.to_thread(client.resolve, ref)
+    top = resolved.descriptor
+    node = parse_any(resolved.data, media_type=top.media_type, where=f"{ref} ({top.digest})")
+    index_desc: Descriptor | None = None
+    index_data = b""
+    manifest_desc, manifest_data = top, resolved.data
+    depth = 0
+    while isinstance(node, Index):
+        depth += 1
+        if depth > 2:
+            raise InvalidManifest(str(ref), "nested indexes deeper than 2")
+        index_desc, index_data = manifest_desc, manifest_data
+        chosen = select_platform(node, want, f"{ref} ({manifest_desc.digest})")
+        manifest_data = await asyncio.to_thread(client.fetch_manifest, ref.repository, chosen)
+        manifest_desc = Descriptor(chosen.media_type, chosen.digest, chosen.size,
+                                   platform=chosen.platform)
+        node = parse_any(manifest_data, media_type=chosen.media_type,
+                         where=f"{ref} ({chosen.digest})")
+    return index_desc, index_data, manifest_desc, manifest_data
 
 
 async def pull(ref: str, store: ContentStore, **kwargs: object) -> PulledImage:

@@ -14,8 +14,8 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from kata_ipu.content.digest import InvalidDigest, validate_digest
 from kata_ipu.errors import InvalidArgument
+from kata_ipu.oci.digest import InvalidDigest, validate_digest
 
 DOCKER_HUB = "docker.io"
 DEFAULT_TAG = "latest"
@@ -122,15 +122,33 @@ def parse_reference(text: str) -> Reference:
             validate_digest(digest)
         except InvalidDigest as exc:
             raise InvalidReference(text, f"digest part {digest!r}: {exc.message}") from exc
-    # The tag is after the last ':' that follows the last '/'.
+    rest, tag = _split_tag(text, rest)
+    registry, path = _split_registry(text, rest)
+    _check_path(text, path)
+    if registry == DOCKER_HUB and "/" not in path:
+        path = f"library/{path}"
+    if len(registry) + 1 + len(path) > _MAX_NAME:
+        raise InvalidReference(text, f"name longer than {_MAX_NAME} characters")
+    if tag is None and not at:
+        tag = DEFAULT_TAG
+    return Reference(registry, path, tag, digest if at else None)
+
+
+def _split_tag(text: str, rest: str) -> tuple[str, str | None]:
+    """``(name, tag)``: the tag is after the last ':' that follows the last '/'."""
     slash = rest.rfind("/")
     colon = rest.rfind(":")
-    tag: str | None = None
-    if colon > slash:
-        rest, tag = rest[:colon], rest[colon + 1:]
-        if not _TAG.match(tag):
-            raise InvalidReference(text, f"tag {tag!r} is invalid (allowed: "
-                                   "[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})")
+    if colon <= slash:
+        return rest, None
+    rest, tag = rest[:colon], rest[colon + 1:]
+    if not _TAG.match(tag):
+        raise InvalidReference(text, f"tag {tag!r} is invalid (allowed: "
+                               "[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})")
+    return rest, tag
+
+
+def _split_registry(text: str, rest: str) -> tuple[str, str]:
+    """``(registry, repository path)``; Docker Hub when the first component is no host."""
     first, sep, remainder = rest.partition("/")
     if sep and ("." in first or ":" in first or first == "localhost" or first.startswith("[")):
         registry, path = first, remainder
@@ -139,20 +157,16 @@ def parse_reference(text: str) -> Reference:
         registry, path = DOCKER_HUB, rest
     if registry in ("index.docker.io", "registry-1.docker.io"):
         registry = DOCKER_HUB
+    return registry, path
+
+
+def _check_path(text: str, path: str) -> None:
     if not path:
         raise InvalidReference(text, "missing repository name")
-    components = path.split("/")
-    for comp in components:
+    for comp in path.split("/"):
         if not comp:
             raise InvalidReference(text, "empty path component in repository")
         if not _COMPONENT.match(comp):
             why = "must be lowercase" if comp.lower() != comp and _COMPONENT.match(
                 comp.lower()) else "allowed: [a-z0-9] separated by '.', '_', '__' or '-'"
             raise InvalidReference(text, f"repository component {comp!r} {why}")
-    if registry == DOCKER_HUB and len(components) == 1:
-        path = f"library/{path}"
-    if len(registry) + 1 + len(path) > _MAX_NAME:
-        raise InvalidReference(text, f"name longer than {_MAX_NAME} characters")
-    if tag is None and not at:
-        tag = DEFAULT_TAG
-    return Reference(registry, path, tag, digest if at else None)

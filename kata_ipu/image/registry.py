@@ -9,6 +9,10 @@ resumes blob downloads with ``Range``; aborts a download that receives no byte f
 
 Lifecycle: construct once per registry (it caches tokens), call :meth:`RegistryClient.resolve`,
 :meth:`fetch_manifest` and :meth:`fetch_blob` from any thread; it holds no open connections.
+
+Size (over ~400 lines): one client and its request core (auth, retries, redirects, resume,
+stall timeouts); the pieces share the per-request retry state, so splitting them would pass
+that state across modules.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urljoin, urlsplit
 
-from kata_ipu.content.digest import split_digest
 from kata_ipu.content.errors import DigestMismatch, SizeMismatch
 from kata_ipu.content.ingest import IngestWriter
 from kata_ipu.errors import (
@@ -36,13 +39,14 @@ from kata_ipu.errors import (
     Unauthenticated,
     Unavailable,
 )
-from kata_ipu.image import mediatypes as mt
 from kata_ipu.image.auth import Authorizer
 from kata_ipu.image.credentials import CredentialSource
 from kata_ipu.image.hosts import RegistryHost
-from kata_ipu.image.manifest import Descriptor, detect_media_type
 from kata_ipu.image.reference import Reference
 from kata_ipu.image.transport import HttpTransport, Response, Timeouts
+from kata_ipu.oci import mediatypes as mt
+from kata_ipu.oci.digest import split_digest
+from kata_ipu.oci.manifest import Descriptor, detect_media_type
 
 log = logging.getLogger("kata_ipu.image.registry")
 
@@ -97,6 +101,16 @@ class _Fallback(Exception):
         self.error = error
 
 
+@dataclass
+class _Hop:
+    """Where one attempt of a request has got to: its URL after redirects, and the
+    ``Authorization`` it sent (``None`` when none)."""
+
+    url: str
+    redirects: int = 0
+    sent_auth: str | None = None
+
+
 class RegistryClient:
     """See the module docstring."""
 
@@ -129,29 +143,11 @@ class RegistryClient:
         attempt = 0
         auth_retried = False
         while True:
-            url, redirects, sent_auth = start_url, 0, None
+            hop = _Hop(start_url)
             try:
-                while True:
-                    h = {**host.headers, **headers}
-                    same_host = urlsplit(url).netloc == host.netloc and url.startswith(
-                        host.scheme + "://")
-                    if same_host and redirects == 0:
-                        sent_auth = self.auth.header(host, scope)
-                        if sent_auth:
-                            h["Authorization"] = sent_auth
-                    resp = self.transport.open(method, url, h, host=host if same_host else None,
-                                               timeouts=self.timeouts)
-                    if resp.status in _REDIRECTS and resp.header("Location"):
-                        location = resp.header("Location") or ""
-                        resp.close()
-                        redirects += 1
-                        if redirects > 10:
-                            raise RegistryUnavailable(f"{what}: too many redirects")
-                        url = urljoin(url, location)
-                        log.debug("redirect", extra={"to": url})
-                        continue
-                    break
+                resp = self._follow(host, method, headers, scope, hop, what=what)
             except (OSError, http.client.HTTPException) as exc:
+                url = hop.url
                 attempt += 1
                 if attempt >= self.retry.attempts:
                     raise RegistryUnavailable(f"{what}: {url}: {exc or type(exc).__name__}") \
@@ -160,7 +156,8 @@ class RegistryClient:
                                                "attempt": attempt})
                 self.retry.backoff(attempt)
                 continue
-            if resp.status == 401 and redirects == 0:
+            url, sent_auth = hop.url, hop.sent_auth
+            if resp.status == 401 and hop.redirects == 0:
                 challenge = resp.header("WWW-Authenticate")
                 resp.close()
                 if not auth_retried and self.auth.challenged(host, challenge, scope, sent_auth):
@@ -181,6 +178,30 @@ class RegistryClient:
                 self.retry.backoff(attempt)
                 continue
             return resp
+
+    def _follow(self, host: RegistryHost, method: str, headers: Mapping[str, str], scope: str,
+                hop: _Hop, *, what: str) -> Response:
+        """One attempt: send to ``hop.url`` and follow redirects, recording them in ``hop``
+        (authorization goes to ``host`` itself only, before any redirect)."""
+        while True:
+            h = {**host.headers, **headers}
+            same_host = urlsplit(hop.url).netloc == host.netloc and hop.url.startswith(
+                host.scheme + "://")
+            if same_host and hop.redirects == 0:
+                hop.sent_auth = self.auth.header(host, scope)
+                if hop.sent_auth:
+                    h["Authorization"] = hop.sent_auth
+            resp = self.transport.open(method, hop.url, h, host=host if same_host else None,
+                                       timeouts=self.timeouts)
+            if not (resp.status in _REDIRECTS and resp.header("Location")):
+                return resp
+            location = resp.header("Location") or ""
+            resp.close()
+            hop.redirects += 1
+            if hop.redirects > 10:
+                raise RegistryUnavailable(f"{what}: too many redirects")
+            hop.url = urljoin(hop.url, location)
+            log.debug("redirect", extra={"to": hop.url})
 
     def _hosts(self, capability: str) -> list[RegistryHost]:
         return [h for h in self.hosts if capability in h.capabilities]

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from kata_ipu.block.fsutil import mounts_under
+from kata_ipu.osutil.mountinfo import mounts_under
 
 
 class Containerd:

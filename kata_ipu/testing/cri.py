@@ -27,6 +27,9 @@ dependency on ``gogo.proto`` (the gogo options become unknown fields) and adds i
 ``DescriptorPool``; message classes come from ``message_factory.GetMessageClass``. This costs
 about 0.1 s and is cached per process and binary. Messages are therefore dynamic (``Any`` to
 mypy); they never leave this module.
+
+Size (over ~400 lines): one method and one small dataclass per CRI RPC, plus the descriptor
+loader; each is short, and together they are the one typed surface of the protocol.
 """
 
 from __future__ import annotations

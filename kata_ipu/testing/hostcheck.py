@@ -9,15 +9,12 @@ from __future__ import annotations
 import os
 import subprocess
 
+from kata_ipu.osutil.mountinfo import mounts_under
+
 
 def leftovers(prefix: str | os.PathLike[str]) -> list[str]:
     root = os.path.realpath(prefix)
-    out = []
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            target = line.split()[1].replace("\\040", " ")
-            if target == root or target.startswith(root + "/"):
-                out.append(f"mount left behind: {target}")
+    out = [f"mount left behind: {target}" for target in mounts_under(root)]
     loops = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
                            capture_output=True, text=True, check=True).stdout
     for line in loops.splitlines():

@@ -10,6 +10,9 @@
 * :func:`push` — ``skopeo copy oci:DIR:REF docker://ADDR/REPO:TAG``.
 
 Nothing here runs at import time; every server is stopped by its ``__exit__``/``stop``.
+
+Size (over ~400 lines): the registry, its token server and the fault proxy are one fixture
+family used together (a test starts a registry behind a proxy, with tokens).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Self
 
-from kata_ipu.block.fsutil import mounts_under
+from kata_ipu.osutil.mountinfo import mounts_under
 from kata_ipu.testing.notified import NotifiedProcess
 
 

@@ -19,6 +19,10 @@ its shims and Go clients see identical behaviour:
 * other frame types (v1.2 Data) are ignored, as the v1.1 server does.
 
 When a connection drops, its in-flight handlers are cancelled (Go cancels their context).
+
+Size (over ~400 lines): the connection protocol, the call tasks and the listener share the
+server's run state (in-flight calls, shutdown); wire, frame, streams, metadata and address are
+separate modules already.
 """
 
 from __future__ import annotations
@@ -32,8 +36,6 @@ import functools
 import logging
 import os
 import socket
-import stat
-import struct
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
@@ -46,6 +48,7 @@ from kata_ipu.errors import (
     KataIpuError,
     code_for,
 )
+from kata_ipu.osutil.unixsock import PathState, clear_stale_socket, peer_credentials
 from kata_ipu.ttrpc.address import Address, TcpAddress, UnixAddress, parse_address
 from kata_ipu.ttrpc.errors import ConnectionClosed, OversizedMessage, WireError
 from kata_ipu.ttrpc.frame import (
@@ -110,9 +113,7 @@ class _Connection(asyncio.Protocol):
         self._transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family == socket.AF_UNIX:
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                    struct.calcsize("3i"))
-            _pid, uid, _gid = struct.unpack("3i", creds)
+            uid = peer_credentials(sock).uid
             self.peer_uid = uid
             if self._server.require_same_uid and uid != os.getuid():
                 log.warning("ttrpc: refusing connection from uid %d", uid)
@@ -625,22 +626,11 @@ class UnixListener:
 
 
 def _bind_unix(path: str, mode: int) -> socket.socket:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise InvalidArgument(f"ttrpc: {path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            os.unlink(path)  # stale: its server is gone
-        else:
-            raise AlreadyExists(f"ttrpc: {path} is in use by another server")
-        finally:
-            probe.close()
+    state = clear_stale_socket(path)
+    if state is PathState.NOT_A_SOCKET:
+        raise InvalidArgument(f"ttrpc: {path} exists and is not a socket")
+    if state is PathState.SERVING:
+        raise AlreadyExists(f"ttrpc: {path} is in use by another server")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

@@ -16,8 +16,8 @@ import signal
 import sys
 
 from kata_ipu import log as kata_log
-from kata_ipu.daemon import notify
 from kata_ipu.errors import KataIpuError
+from kata_ipu.osutil import notify
 from shim_hooks.snapshotter import config as config_mod
 from shim_hooks.snapshotter.config import SnapshotterConfig
 from shim_hooks.snapshotter.lowers import Lowers

@@ -32,9 +32,9 @@ from pathlib import Path
 
 from kata_ipu.rootfs.builder import BuildConfig, RootfsBuilder
 from kata_ipu.rootfs.oci import OciLayoutSource
-from kata_ipu.testing.cache import cache_dir, locked
-from kata_ipu.testing.images import debian_minbase_tree
 from kata_ipu.testing.ocibuild import LayerBuilder, OciLayout
+from tests.support.cache import cache_dir, locked
+from tests.support.images import debian_minbase_tree
 
 MiB = 1 << 20
 

@@ -225,25 +225,7 @@ def _bench(fast: Containerd, pylaunch: Containerd, inproc: Containerd, ref: dict
     if quick:
         variants = {k: v for k, v in variants.items()
                     if "native" in k or "runc.v2 (" in k or "proxy only" in k}
-    # warm-up: the IPU builds its base, page cache and binaries are hot for everyone
-    for fn in variants.values():
-        fn()
-        fn()
-    results: dict[str, list[float]] = {name: [] for name in variants}
-    order = list(variants.items())
-    shuffle = random.Random(7)  # the same orders on every invocation
-    for _ in range(runs):  # interleaved, so drift hits every variant alike
-        # ... and in a new order each round: a stall whose period is close to a round's
-        # length locks onto a fixed rotation and lands on the same variant round after round
-        # (seen: ctr -> shim exec 10-15 ms longer, CPUs idle, for one variant through a
-        # whole invocation; which variant depended on the phase)
-        shuffle.shuffle(order)
-        for name, fn in order:
-            # let the previous run's teardown (containerd runs the shim's `delete` after every
-            # container; the wrapper's is a Python process) finish before the next one starts
-            time.sleep(SETTLE)
-            _mark(name)
-            results[name].append(fn())
+    results = _measure(variants, runs)
     cold: list[tuple[float, float, float]] = []
     if not quick:
         empty = work / "empty-rootfs"
@@ -264,17 +246,8 @@ def _bench(fast: Containerd, pylaunch: Containerd, inproc: Containerd, ref: dict
         print(_row("cold: kata-ipu.v2 (IPU pulls+builds; native + server)",
                    [c[0] for c in cold]))
         print(_row("cold: ctr image pull + ctr run (runc.v2)", [c[1] for c in cold]))
-    up = shim_daemon_started([fast, pylaunch, inproc])
-    print("breakdown (medians, ms): ctr -> runc shim daemon up (containerd's log) | the rest")
-    for name in names:
-        if "kata-ipu-runtime" in name:  # no shim of its own to time
-            continue
-        measured = ids[variants[name]][-runs:]
-        to_shim = [up[c] for c in measured if c in up]
-        if to_shim:
-            total = statistics.median(results[name])
-            print(f"  {name:<56} {statistics.median(to_shim) * 1000:7.1f} | "
-                  f"{(total - statistics.median(to_shim)) * 1000:7.1f}")
+    _print_breakdown(shim_daemon_started([fast, pylaunch, inproc]), variants, ids, results,
+                     runs)
     ratio = statistics.median(results[names[1]]) / plain
     # each round ran every variant once, back to back: the ratio within a round cancels the
     # machine's drift between rounds
@@ -294,6 +267,45 @@ def _bench(fast: Containerd, pylaunch: Containerd, inproc: Containerd, ref: dict
             (keep_logs / f"{ctd.workdir.name}.log").write_text(ctd.log_text())
         (keep_logs / "started.json").write_text(json.dumps(STARTED))  # wall clock per ctr
     return 0
+
+
+def _measure(variants: dict[str, Callable[[], float]], runs: int) -> dict[str, list[float]]:
+    """Warm every variant up, then ``runs`` interleaved rounds; the times by variant."""
+    # warm-up: the IPU builds its base, page cache and binaries are hot for everyone
+    for fn in variants.values():
+        fn()
+        fn()
+    results: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants.items())
+    shuffle = random.Random(7)  # the same orders on every invocation
+    for _ in range(runs):  # interleaved, so drift hits every variant alike
+        # ... and in a new order each round: a stall whose period is close to a round's
+        # length locks onto a fixed rotation and lands on the same variant round after round
+        # (seen: ctr -> shim exec 10-15 ms longer, CPUs idle, for one variant through a
+        # whole invocation; which variant depended on the phase)
+        shuffle.shuffle(order)
+        for name, fn in order:
+            # let the previous run's teardown (containerd runs the shim's `delete` after every
+            # container; the wrapper's is a Python process) finish before the next one starts
+            time.sleep(SETTLE)
+            _mark(name)
+            results[name].append(fn())
+    return results
+
+
+def _print_breakdown(up: dict[str, float], variants: dict[str, Callable[[], float]],
+                     ids: dict[Callable[[], float], list[str]],
+                     results: dict[str, list[float]], runs: int) -> None:
+    print("breakdown (medians, ms): ctr -> runc shim daemon up (containerd's log) | the rest")
+    for name in variants:
+        if "kata-ipu-runtime" in name:  # no shim of its own to time
+            continue
+        measured = ids[variants[name]][-runs:]
+        to_shim = [up[c] for c in measured if c in up]
+        if to_shim:
+            total = statistics.median(results[name])
+            print(f"  {name:<56} {statistics.median(to_shim) * 1000:7.1f} | "
+                  f"{(total - statistics.median(to_shim)) * 1000:7.1f}")
 
 
 def _cold(fast: Containerd, ref: dict[str, str], empty: Path,

@@ -21,8 +21,8 @@ import sys
 import tempfile
 import time
 
-from kata_ipu.testing.gopeer import build_goecho
 from kata_ipu.ttrpc import CallContext, Client, Server
+from tests.support.gopeer import build_goecho
 
 SERVICE = "test.echo.v1.Echo"
 

@@ -1,6 +1,6 @@
 """VM path: hot-plug → container output latency, virtio-blk vs vhost-user-blk, under TCG.
 
-One guest boot (:class:`kata_ipu.testing.vmdriver.KataVM`), real kata-ipud and registry. For
+One guest boot (:class:`tests.support.vmdriver.KataVM`), real kata-ipud and registry. For
 each export kind, ``--runs`` times (not timed: Prepare, removal and Release):
 
 * ``hotplug``   QMP ``blockdev-add``/``chardev-add`` + ``device_add`` + ``query-pci``
@@ -32,11 +32,11 @@ import time
 from pathlib import Path
 
 from kata_ipu.api import kataipu_pb2 as pb
-from kata_ipu.testing import agentproto as ap
 from kata_ipu.testing.daemon import IpuDaemon
 from kata_ipu.testing.ocibuild import LayerBuilder, OciLayout, busybox_tree
 from kata_ipu.testing.registry import RegistryServer, push
-from kata_ipu.testing.vmdriver import KataVM, Shim
+from tests.support import agentproto as ap
+from tests.support.vmdriver import KataVM, Shim
 
 CHUNK = 1 << 20
 

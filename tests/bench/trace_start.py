@@ -108,14 +108,8 @@ def parse(lines: Iterator[str]) -> list[Run]:
                 current = Run(variant, t)
                 runs.append(current)
                 variant = None
-            elif current is None:
-                continue
-            elif current.shim is None and "containerd-shim-" in name:
-                current.shim = t
-            elif current.shim is not None and current.runc is None and name.endswith("/runc"):
-                current.runc = t
-            elif current.runc_exit is not None and current.sh is None and name == "/bin/sh":
-                current.sh = t
+            elif current is not None:
+                _exec_step(current, name, t)
         elif (event == "sched_process_exit" and current is not None
               and current.runc is not None and current.runc_exit is None
               and "comm=runc " in rest and "group_dead=true" in rest):
@@ -125,17 +119,34 @@ def parse(lines: Iterator[str]) -> list[Run]:
                 and "error_code=0x7" in rest:
             current.cow_faults += 1
         elif event == "sched_switch":
-            s = SWITCH.search(rest)
-            if s is None:
-                continue
-            if current is not None and m["cpu"] in last and current.shim is not None:
-                since, comm, pid = last[m["cpu"]]
-                end = t if current.runc is None else min(t, current.runc)
-                if pid != "0" and end > max(since, current.shim):
-                    current.cpu[comm] = (current.cpu.get(comm, 0.0)
-                                         + (end - max(since, current.shim)) * 1000)
-            last[m["cpu"]] = (t, s["nc"], s["np"])
+            _switch_step(current, last, m["cpu"], t, rest)
     return [r for r in runs if r.complete()]
+
+
+def _exec_step(current: Run, name: str, t: float) -> None:
+    """An exec during ``current``: the shim, then runc, then (after runc exits) the shell."""
+    if current.shim is None and "containerd-shim-" in name:
+        current.shim = t
+    elif current.shim is not None and current.runc is None and name.endswith("/runc"):
+        current.runc = t
+    elif current.runc_exit is not None and current.sh is None and name == "/bin/sh":
+        current.sh = t
+
+
+def _switch_step(current: Run | None, last: dict[str, tuple[float, str, str]], cpu: str,
+                 t: float, rest: str) -> None:
+    """A context switch on ``cpu``: charge the task switched out to ``current`` for its time
+    between the shim's exec and runc's, and remember who runs now."""
+    s = SWITCH.search(rest)
+    if s is None:
+        return
+    if current is not None and cpu in last and current.shim is not None:
+        since, comm, pid = last[cpu]
+        end = t if current.runc is None else min(t, current.runc)
+        if pid != "0" and end > max(since, current.shim):
+            current.cpu[comm] = (current.cpu.get(comm, 0.0)
+                                 + (end - max(since, current.shim)) * 1000)
+    last[cpu] = (t, s["nc"], s["np"])
 
 
 def label(variant: str) -> str:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kata_ipu.testing.gosnap import GOCODE, build_snapshot_suite
 from kata_ipu.testing.prereq import require_paths, require_programs, require_root
+from tests.support.gosnap import GOCODE, build_snapshot_suite
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The containerd snapshotter conformance harness (kata_ipu.testing.gosnap), validated against
+"""The containerd snapshotter conformance harness (tests.support.gosnap), validated against
 containerd's own snapshotters before it is pointed at ours.
 
 containerd mode: containerd's ``snapshots/testsuite`` (Debian's 1.6.20 sources) through a real
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from kata_ipu.testing.containerd import Containerd
-from kata_ipu.testing.gosnap import parse_results, run_snapshot_suite
+from tests.support.gosnap import parse_results, run_snapshot_suite
 
 SUBTESTS = frozenset({
     "Basic", "StatActive", "StatComitted", "TransitivityTest", "PreareViewFailingtest",

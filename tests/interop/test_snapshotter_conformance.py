@@ -1,7 +1,7 @@
 """kata-ipu-snapshotter against containerd's own snapshotter conformance suite.
 
 containerd's ``snapshots/testsuite`` (Debian's 1.6.20 Go sources, built by
-kata_ipu.testing.gosnap) is the oracle for the snapshotter's local semantics: every sub-test
+tests.support.gosnap) is the oracle for the snapshotter's local semantics: every sub-test
 that containerd's overlayfs passes must pass (``Rename`` is skipped by the 1.6.20 suite for
 every snapshotter). Run three ways: on the raw gRPC API (one snapshotter process per sub-test,
 as containerd's proxy client sees it), with an IPU address nobody serves (local snapshots
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from kata_ipu.testing.containerd import Containerd
-from kata_ipu.testing.gosnap import run_snapshot_suite
 from kata_ipu.testing.snapshotter import SnapshotterProcess
 from tests.interop.test_gosnapsuite_harness import SKIPPED, SUBTESTS, _mounts_under
+from tests.support.gosnap import run_snapshot_suite
 
 SNAPSHOTTER = str(Path(sys.executable).with_name("kata-ipu-snapshotter"))
 

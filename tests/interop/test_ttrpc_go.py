@@ -17,9 +17,9 @@ import pytest
 from google.protobuf import wrappers_pb2
 
 from kata_ipu import errors
-from kata_ipu.testing.gopeer import build_goecho
 from kata_ipu.testing.prereq import require_programs
 from kata_ipu.ttrpc import CallContext, Client, ConnectionClosed, Metadata, Server, unary
+from tests.support.gopeer import build_goecho
 
 SERVICE = "test.echo.v1.Echo"
 

@@ -21,11 +21,11 @@ import pytest
 from kata_ipu import api
 from kata_ipu.api import kataipu_pb2 as pb
 from kata_ipu.testing.daemon import IpuDaemon
-from kata_ipu.testing.images import busybox_registry
 from kata_ipu.testing.ocibuild import LayerBuilder
 from kata_ipu.testing.prereq import require_programs, require_root
 from kata_ipu.testing.registry import Fault, FaultProxy, RegistryServer
 from kata_ipu.ttrpc import Client
+from tests.support.images import busybox_registry
 
 CLI = str(Path(sys.executable).with_name("kata-ipu"))
 

@@ -20,18 +20,18 @@ import pytest
 
 from kata_ipu import api, errors
 from kata_ipu.api import kataipu_pb2 as pb
-from kata_ipu.image.manifest import Descriptor
 from kata_ipu.image.pull import Puller
 from kata_ipu.image.reference import parse_reference
 from kata_ipu.image.registry import RegistryClient
+from kata_ipu.oci.manifest import Descriptor
 from kata_ipu.rootfs.mount import mounted
 from kata_ipu.testing import treecmp
 from kata_ipu.testing.daemon import IpuDaemon, running
-from kata_ipu.testing.images import zoo_layers
 from kata_ipu.testing.ocibuild import LayerBuilder, OciLayout, busybox_tree
 from kata_ipu.testing.prereq import require_programs, require_root
 from kata_ipu.testing.registry import RegistryServer, push
 from kata_ipu.ttrpc import Client
+from tests.support.images import zoo_layers
 
 PAYLOAD = 8 << 20  # big enough that the build really overlaps the download
 

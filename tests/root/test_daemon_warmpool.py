@@ -18,9 +18,9 @@ import pytest
 
 from kata_ipu.daemon.warmpool import PREFIX
 from kata_ipu.testing.daemon import IpuDaemon, loops_under, running
-from kata_ipu.testing.images import busybox_registry
 from kata_ipu.testing.ocibuild import LayerBuilder
 from kata_ipu.testing.prereq import require_programs, require_root
+from tests.support.images import busybox_registry
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,6 @@ from kata_ipu.content.errors import DigestMismatch, SizeMismatch
 from kata_ipu.content.store import ContentStore
 from kata_ipu.errors import Unauthenticated
 from kata_ipu.image.credentials import Credentials
-from kata_ipu.image.manifest import EncryptedLayerUnsupported, UnsupportedMediaType
-from kata_ipu.image.platform import Platform
 from kata_ipu.image.pull import PlatformNotFound, Puller, PullProgress
 from kata_ipu.image.registry import (
     ManifestNotFound,
@@ -26,6 +24,8 @@ from kata_ipu.image.registry import (
     TotalTimeout,
 )
 from kata_ipu.image.transport import Timeouts
+from kata_ipu.oci.manifest import EncryptedLayerUnsupported, UnsupportedMediaType
+from kata_ipu.oci.platform import Platform
 from kata_ipu.testing.ocibuild import LayerBuilder, OciLayout, busybox_tree
 from kata_ipu.testing.prereq import require_programs
 from kata_ipu.testing.registry import (

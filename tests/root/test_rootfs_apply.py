@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from kata_ipu.rootfs.apply import Applier
-from kata_ipu.testing.images import CAP_NET_BIND_SERVICE
 from kata_ipu.testing.ocibuild import FIXED_MTIME, LayerBuilder
 from kata_ipu.testing.prereq import require_root
+from tests.support.images import CAP_NET_BIND_SERVICE
 
 
 @pytest.fixture(autouse=True)

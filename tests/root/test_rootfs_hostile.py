@@ -35,9 +35,9 @@ from kata_ipu.rootfs.mount import mounted
 from kata_ipu.rootfs.oci import OciLayoutSource
 from kata_ipu.rootfs.writers import SizePolicy
 from kata_ipu.testing.hostcheck import leftovers
-from kata_ipu.testing.images import add_raw_image, gzip_bomb
 from kata_ipu.testing.ocibuild import MT_LAYER, LayerBuilder, OciLayout
 from kata_ipu.testing.prereq import require_programs, require_root
+from tests.support.images import add_raw_image, gzip_bomb
 
 MiB = 1 << 20
 GZ = MT_LAYER["gzip"]

@@ -102,6 +102,40 @@ paths = st.lists(st.sampled_from(NAMES), min_size=1, max_size=3).map(tuple)
 modes = st.sampled_from([0o755, 0o700, 0o4755, 0o2750, 0o1777, 0o644, 0o600])
 
 
+def _add_entry(draw: st.DrawFn, model: Model, lb: LayerBuilder, p: P, op: str) -> None:
+    """Draw the details of one ``op`` at ``p``; add it to the layer and to the model."""
+    if op == "file":
+        data, mode, uid = draw(st.binary(max_size=64)), draw(modes), draw(st.integers(0, 3))
+        lb.file("/".join(p), data, mode=mode, uid=uid)
+        model.put(p, Node("file", mode, uid, data))
+    elif op == "dir":
+        mode, uid = draw(modes), draw(st.integers(0, 3))
+        lb.dir("/".join(p), mode=mode, uid=uid)
+        model.put(p, Node("dir", mode, uid))
+    elif op == "symlink":
+        target = draw(st.sampled_from(["a", "../b", "/c/a", "nowhere"]))
+        lb.symlink("/".join(p), target)
+        model.put(p, Node("symlink", 0o777, 0, target=target))
+    elif op == "hardlink":
+        files = sorted(q for q, n in model.tree.items()
+                       if n.kind == "file" and q != p and q[:len(p)] != p)
+        if not files:
+            return
+        src = draw(st.sampled_from(files))
+        lb.hardlink("/".join(p), "/".join(src))
+        model.put(p, model.tree[src])
+    elif op == "whiteout":
+        if model.through_symlink(p[:-1]):
+            return
+        lb.whiteout("/".join(p))
+        model.whiteout(p)
+    else:
+        if model.through_symlink(p):
+            return
+        lb.opaque("/".join(p))
+        model.opaque(p)
+
+
 @st.composite
 def layer_stack(draw: st.DrawFn) -> tuple[list[bytes], Model]:
     model = Model()
@@ -122,36 +156,7 @@ def layer_stack(draw: st.DrawFn) -> tuple[list[bytes], Model]:
                 for i in range(1, len(p)):
                     lb.dir("/".join(p[:i]), mode=0o755)
                     model.put(p[:i], Node("dir", 0o755))
-            if op == "file":
-                data, mode, uid = draw(st.binary(max_size=64)), draw(modes), draw(st.integers(0, 3))
-                lb.file("/".join(p), data, mode=mode, uid=uid)
-                model.put(p, Node("file", mode, uid, data))
-            elif op == "dir":
-                mode, uid = draw(modes), draw(st.integers(0, 3))
-                lb.dir("/".join(p), mode=mode, uid=uid)
-                model.put(p, Node("dir", mode, uid))
-            elif op == "symlink":
-                target = draw(st.sampled_from(["a", "../b", "/c/a", "nowhere"]))
-                lb.symlink("/".join(p), target)
-                model.put(p, Node("symlink", 0o777, 0, target=target))
-            elif op == "hardlink":
-                files = sorted(q for q, n in model.tree.items()
-                               if n.kind == "file" and q != p and q[:len(p)] != p)
-                if not files:
-                    continue
-                src = draw(st.sampled_from(files))
-                lb.hardlink("/".join(p), "/".join(src))
-                model.put(p, model.tree[src])
-            elif op == "whiteout":
-                if model.through_symlink(p[:-1]):
-                    continue
-                lb.whiteout("/".join(p))
-                model.whiteout(p)
-            else:
-                if model.through_symlink(p):
-                    continue
-                lb.opaque("/".join(p))
-                model.opaque(p)
+            _add_entry(draw, model, lb, p, op)
         layers.append(lb.build())
     return Layers(layers), model
 

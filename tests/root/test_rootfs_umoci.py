@@ -28,15 +28,15 @@ from kata_ipu.rootfs.oci import OciLayoutSource
 from kata_ipu.rootfs.writers import SizePolicy
 from kata_ipu.testing import treecmp
 from kata_ipu.testing.hostcheck import leftovers
-from kata_ipu.testing.images import (
+from kata_ipu.testing.ocibuild import MT_LAYER, OciLayout
+from kata_ipu.testing.prereq import require_programs, require_root
+from tests.support.images import (
     add_raw_image,
     busybox_layers,
     debian_minbase_layout,
     gzip_bomb,
     zoo_layers,
 )
-from kata_ipu.testing.ocibuild import MT_LAYER, OciLayout
-from kata_ipu.testing.prereq import require_programs, require_root
 
 PROGRAMS = ("umoci", "mkfs.ext4", "e2fsck", "resize2fs", "mkfs.erofs", "losetup", "mount",
             "umount", "debootstrap")

@@ -24,7 +24,6 @@ from google.protobuf import empty_pb2
 
 from kata_ipu.block.fsutil import mount_source, mounts_under
 from kata_ipu.testing.daemon import IpuDaemon, running
-from kata_ipu.testing.images import busybox_registry
 from kata_ipu.testing.ocibuild import LayerBuilder
 from kata_ipu.testing.prereq import require_programs, require_root
 from kata_ipu.testing.registry import RegistryServer
@@ -32,6 +31,7 @@ from kata_ipu.testing.snapshotter import SnapshotterProcess
 from kata_ipu.testing.wait import until
 from shim_hooks.snapshotter.model import chain_id
 from shim_hooks.snapshotter.proto import snapshots_pb2 as pb
+from tests.support.images import busybox_registry
 
 SERVICE = "/containerd.services.snapshots.v1.Snapshots/"
 CLI = str(Path(sys.executable).with_name("kata-ipu"))

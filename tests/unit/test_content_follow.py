@@ -13,13 +13,13 @@ from collections.abc import Callable, Iterator
 import pytest
 import zstandard
 
-from kata_ipu.content.digest import digest_bytes
 from kata_ipu.content.errors import DigestMismatch, SizeMismatch
 from kata_ipu.content.follow import BlobFollower, FollowAborted, IngestFailed, IngestRestarted
 from kata_ipu.content.ingest import IngestWriter
 from kata_ipu.content.store import ContentStore
-from kata_ipu.image import mediatypes as mt
-from kata_ipu.image.manifest import Descriptor
+from kata_ipu.oci import mediatypes as mt
+from kata_ipu.oci.digest import digest_bytes
+from kata_ipu.oci.manifest import Descriptor
 from kata_ipu.rootfs.sizehint import from_gzip_tail, from_zstd_head, uncompressed_hint
 
 pytestmark = pytest.mark.unit

@@ -13,13 +13,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kata_ipu.content import gc
-from kata_ipu.content.digest import InvalidDigest, digest_bytes
 from kata_ipu.content.errors import DigestMismatch, IngestBusy, SizeMismatch
 from kata_ipu.content.ingest import IngestWriter
 from kata_ipu.content.status import BlobState, BlobStatus
 from kata_ipu.content.store import ContentStore
-from kata_ipu.image import mediatypes as mt
-from kata_ipu.image.manifest import Descriptor
+from kata_ipu.oci import mediatypes as mt
+from kata_ipu.oci.digest import InvalidDigest, digest_bytes
+from kata_ipu.oci.manifest import Descriptor
 
 
 def desc(data: bytes, media_type: str = mt.OCI_LAYER) -> Descriptor:
@@ -154,6 +154,39 @@ _job = st.tuples(st.integers(0, 2), st.sampled_from(["ok", "corrupt", "cut", "lo
                  st.integers(1, 4096))
 
 
+def _watch_blobs(store: ContentStore, stop: threading.Event, bad: list[str]) -> None:
+    """Until ``stop``: every blob visible in blobs/ must hash to its name (else into ``bad``)."""
+    while not stop.is_set():
+        for digest in store.all_blobs():
+            try:
+                data = store.blob_path(digest).read_bytes()
+            except FileNotFoundError:
+                continue
+            if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+                bad.append(digest)
+
+
+def _ingest_job(store: ContentStore, payloads: list[bytes], descs: list[Descriptor],
+                job: tuple[int, str, int]) -> None:
+    """One writer: the right bytes, corrupt ones, too many, or a connection cut halfway."""
+    which, mode, chunk = job
+    data = payloads[which]
+    if mode == "corrupt":
+        data = data[:-1] + bytes([data[-1] ^ 1])
+    elif mode == "long":
+        data = data + b"!"
+
+    def fill(w: IngestWriter) -> None:
+        for i in range(w.offset, len(data), chunk):
+            if mode == "cut" and i > len(data) // 2:
+                raise ConnectionResetError("cut")
+            w.write(data[i:i + chunk])
+    try:
+        store.ingest_blocking(descs[which], fill)
+    except (DigestMismatch, SizeMismatch, ConnectionResetError):
+        pass
+
+
 @settings(max_examples=25, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(_job, min_size=2, max_size=8))
@@ -164,37 +197,10 @@ def test_concurrent_ingests_never_expose_unverified_blobs(tmp_path_factory, jobs
     bad: list[str] = []
     stop = threading.Event()
 
-    def watch() -> None:
-        while not stop.is_set():
-            for digest in store.all_blobs():
-                try:
-                    data = store.blob_path(digest).read_bytes()
-                except FileNotFoundError:
-                    continue
-                if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
-                    bad.append(digest)
-
-    def run(job) -> None:
-        which, mode, chunk = job
-        data = payloads[which]
-        if mode == "corrupt":
-            data = data[:-1] + bytes([data[-1] ^ 1])
-        elif mode == "long":
-            data = data + b"!"
-
-        def fill(w: IngestWriter) -> None:
-            for i in range(w.offset, len(data), chunk):
-                if mode == "cut" and i > len(data) // 2:
-                    raise ConnectionResetError("cut")
-                w.write(data[i:i + chunk])
-        try:
-            store.ingest_blocking(descs[which], fill)
-        except (DigestMismatch, SizeMismatch, ConnectionResetError):
-            pass
-
-    watcher = threading.Thread(target=watch)
+    watcher = threading.Thread(target=_watch_blobs, args=(store, stop, bad))
     watcher.start()
-    threads = [threading.Thread(target=run, args=(j,)) for j in jobs]
+    threads = [threading.Thread(target=_ingest_job, args=(store, payloads, descs, j))
+               for j in jobs]
     for t in threads:
         t.start()
     for t in threads:

@@ -1,10 +1,8 @@
-"""kata-ipud's configuration loader, durable state store and systemd notification."""
+"""kata-ipud's configuration loader and durable state store."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -13,7 +11,7 @@ import pytest
 
 from kata_ipu import errors
 from kata_ipu.block.model import Device, ExportKind
-from kata_ipu.daemon import config, notify
+from kata_ipu.daemon import config
 from kata_ipu.daemon.state import (
     BaseRecord,
     BaseState,
@@ -174,21 +172,6 @@ async def test_a_version_1_state_is_migrated_and_keeps_its_bases(tmp_path: Path)
     assert [b.layers for b in await store.list_bases("sha256:aa")] == [0, 3]
     await store.close()
     assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == 2
-
-
-def test_sd_notify_sends_ready(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.settimeout(5)
-    monkeypatch.setenv("NOTIFY_SOCKET", path)
-    assert notify.ready("recovered 3 volumes")
-    msg = sock.recv(4096).decode().split("\n")
-    assert msg[0] == "READY=1" and f"MAINPID={os.getpid()}" in msg
-    assert "STATUS=recovered 3 volumes" in msg
-    sock.close()
-    monkeypatch.delenv("NOTIFY_SOCKET")
-    assert not notify.ready()
 
 
 def test_out_of_space_is_found_in_the_cause_chain() -> None:

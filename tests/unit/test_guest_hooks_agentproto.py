@@ -3,7 +3,7 @@ encoding of the same field numbers (built with the generic descriptor API, no .p
 
 from __future__ import annotations
 
-from kata_ipu.testing import agentproto as ap
+from tests.support import agentproto as ap
 
 
 def test_create_container_round_trip() -> None:

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from kata_ipu.image import mediatypes as mt
-from kata_ipu.image.manifest import (
+from kata_ipu.image.pull import PlatformNotFound, select_platform
+from kata_ipu.oci import mediatypes as mt
+from kata_ipu.oci.manifest import (
     EncryptedLayerUnsupported,
     Index,
     InvalidManifest,
@@ -17,8 +18,7 @@ from kata_ipu.image.manifest import (
     parse_any,
     parse_config,
 )
-from kata_ipu.image.platform import Platform, match_rank
-from kata_ipu.image.pull import PlatformNotFound, select_platform
+from kata_ipu.oci.platform import Platform, match_rank
 
 D1, D2, D3 = ("sha256:" + c * 64 for c in "123")
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from kata_ipu.block import BACKENDS, ExportKind, create_pool
-from kata_ipu.testing.guest import Guest
 from kata_ipu.testing.prereq import require_programs, require_root
 from tests.root.block_helpers import assert_no_leaks, make_ext4, sha256
+from tests.support.guest import Guest
 
 
 @pytest.fixture(scope="module")

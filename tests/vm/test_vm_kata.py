@@ -21,13 +21,13 @@ import pytest
 from guest_hooks import oci
 from kata_ipu import errors
 from kata_ipu.api import kataipu_pb2 as pb
-from kata_ipu.testing import agentproto as ap
 from kata_ipu.testing.daemon import IpuDaemon
 from kata_ipu.testing.ocibuild import LayerBuilder, OciLayout, busybox_tree
 from kata_ipu.testing.prereq import require_programs, require_root
 from kata_ipu.testing.registry import RegistryServer, push
-from kata_ipu.testing.vmdriver import BRIDGE_SLOT, BRIDGE_SLOTS, KataVM, Shim
 from tests.root.block_helpers import loops_under, mounts_under, qsd_processes
+from tests.support import agentproto as ap
+from tests.support.vmdriver import BRIDGE_SLOT, BRIDGE_SLOTS, KataVM, Shim
 
 # the first test's setup may build the guest image and download the kernel (a cold cache);
 # every wait inside has its own, shorter timeout

@@ -1,7 +1,7 @@
 // Package gosnapsuite runs containerd's own snapshotter conformance suite
 // (github.com/containerd/containerd/snapshots/testsuite, Debian's 1.6.20 sources) against a
 // snapshotter reached over containerd's snapshots gRPC API. It is built by
-// kata_ipu/testing/gosnap.py with GO111MODULE=off against /usr/share/gocode.
+// tests/support/gosnap.py with GO111MODULE=off against /usr/share/gocode.
 //
 // The mode is chosen by the environment (exactly one of the first two must be set):
 //

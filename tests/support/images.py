@@ -22,7 +22,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from kata_ipu.testing.cache import cache_dir, locked
 from kata_ipu.testing.ocibuild import (
     MT_CONFIG,
     MT_MANIFEST,
@@ -32,6 +31,7 @@ from kata_ipu.testing.ocibuild import (
     busybox_tree,
 )
 from kata_ipu.testing.registry import RegistryServer, push
+from tests.support.cache import cache_dir, locked
 
 DEBIAN_SUITE = "bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"

@@ -2,9 +2,9 @@
 block-device rootfs needs, served with this project's ttrpc over a virtio-serial port.
 
 It runs as PID 1 of the test guest (Debian's python3; stdlib + pyudev + the copied
-``kata_ipu.ttrpc``). It lives in ``kata_ipu.testing`` rather than ``guest_hooks`` because it is
-a stand-in for Kata's agent used by tests, not product code, and it needs ``kata_ipu.ttrpc``,
-which ``guest_hooks`` (stdlib + pyudev only) must not import.
+``kata_ipu.ttrpc``). It lives in ``tests.support`` (not shipped) rather than ``guest_hooks``
+because it is a stand-in for Kata's agent used by tests, not product code, and it needs
+``kata_ipu.ttrpc``, which ``guest_hooks`` (stdlib + pyudev only) must not import.
 
 * ``CreateContainer``: for each ``Storage{driver:"blk", source:<PCI path>, fstype,
   mount_point}`` wait for the disk (uevents, ``--hotplug-timeout``) and mount it with
@@ -28,6 +28,9 @@ times>``, ``AGENT-REMOVED <cid> mounts-left=<n>``. Every runc call and hook has 
 
 Errors carry the guest_hooks kind: device-timeout → DEADLINE_EXCEEDED, wrong-fstype and bad
 input → INVALID_ARGUMENT, already-mounted → ALREADY_EXISTS, fsck-failed → DATA_LOSS.
+
+Size (~400 lines): one stand-in agent, a method per Kata agent RPC it serves; it is copied
+into the guest as one file beside its codec (agentproto.py).
 """
 
 from __future__ import annotations
@@ -58,8 +61,8 @@ from guest_hooks.errors import (
 from guest_hooks.mount import Mounted, mount_rootfs, mountpoints, sys_mount, umount_rootfs
 from guest_hooks.pcipath import PciPath
 from kata_ipu import errors
-from kata_ipu.testing import agentproto as ap
 from kata_ipu.ttrpc import CallContext, Server
+from tests.support import agentproto as ap
 
 RUN = "/run/kata-containers"
 COMMAND_TIMEOUT = 60.0  # every runc call and hook in the guest

@@ -12,10 +12,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kata_ipu.content.digest import InvalidDigest, validate_digest
 from kata_ipu.errors import InvalidArgument, Unimplemented
-from kata_ipu.image import mediatypes as mt
-from kata_ipu.image.platform import Platform
+from kata_ipu.oci import mediatypes as mt
+from kata_ipu.oci.digest import InvalidDigest, validate_digest
+from kata_ipu.oci.platform import Platform
 
 
 class InvalidManifest(InvalidArgument):

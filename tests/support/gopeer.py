@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from kata_ipu.testing.cache import cache_dir
+from tests.support.cache import cache_dir
 
 SOURCE_DIR = Path(__file__).with_name("goecho")
 GOCODE = "/usr/share/gocode"

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kata_ipu.testing.cache import cache_dir, locked
+from tests.support.cache import cache_dir, locked
 
 SOURCE_DIR = Path(__file__).with_name("gosnapsuite")
 SOURCE = SOURCE_DIR / "suite_test.go"

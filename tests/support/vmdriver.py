@@ -1,6 +1,6 @@
 r"""A host-side driver for VM tests that plays Kata's shim (shared/notes/kata.md §1, §4).
 
-:class:`KataVM` boots the test guest (:mod:`kata_ipu.testing.guestimage`) with QEMU TCG on q35,
+:class:`KataVM` boots the test guest (:mod:`tests.support.guestimage`) with QEMU TCG on q35,
 memfd shared RAM (vhost-user needs it), a hot-plug ``pci-bridge`` (see below), and the
 agent's virtio-serial port
 ``agent.channel.0`` whose host end is a unix socket the ttrpc client dials.
@@ -40,16 +40,16 @@ from kata_ipu.api import ROOTFS_SERVICE
 from kata_ipu.api import kataipu_pb2 as pb
 from kata_ipu.block.qsd import QmpLink
 from kata_ipu.executor import DEFAULT, Executor
-from kata_ipu.testing import agentproto as ap
-from kata_ipu.testing.guest import Guest, Serial, kernel
-from kata_ipu.testing.guestimage import (
+from kata_ipu.ttrpc import Client
+from tests.support import agentproto as ap
+from tests.support.guest import Guest, Serial, kernel
+from tests.support.guestimage import (
     AGENT_PORT,
     GUEST_HOOK_PATH,
     ROOT_SERIAL,
     boot_initramfs,
     root_image,
 )
-from kata_ipu.ttrpc import Client
 
 T = TypeVar("T")
 BRIDGE = "pci-bridge-0"

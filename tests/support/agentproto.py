@@ -141,22 +141,35 @@ class Spec:
             elif number == 2:
                 s.process = Process.decode(_blob(value))
             elif number == 3:
-                for n, _w, v in iter_fields(_blob(value)):
-                    if n == 1:
-                        s.root_path = _text(v)
-                    elif n == 2:
-                        s.root_readonly = bool(_num(v))
+                s.root_path, s.root_readonly = _decode_root(_blob(value), s)
             elif number == 4:
                 s.hostname = _text(value)
             elif number == 7:
-                key = val = ""
-                for n, _w, v in iter_fields(_blob(value)):
-                    if n == 1:
-                        key = _text(v)
-                    elif n == 2:
-                        val = _text(v)
+                key, val = _decode_annotation(_blob(value))
                 s.annotations[key] = val
         return s
+
+
+def _decode_root(data: bytes, s: Spec) -> tuple[str, bool]:
+    """Root{path=1 readonly=2}, over the values ``s`` already has."""
+    path, readonly = s.root_path, s.root_readonly
+    for n, _w, v in iter_fields(data):
+        if n == 1:
+            path = _text(v)
+        elif n == 2:
+            readonly = bool(_num(v))
+    return path, readonly
+
+
+def _decode_annotation(data: bytes) -> tuple[str, str]:
+    """A map entry {key=1 value=2}."""
+    key = val = ""
+    for n, _w, v in iter_fields(data):
+        if n == 1:
+            key = _text(v)
+        elif n == 2:
+            val = _text(v)
+    return key, val
 
 
 @dataclass

@@ -17,6 +17,9 @@ virtio disk that appears mounts it, prints each top-level ``*.txt`` file, writes
 ``guest-wrote.txt``, unmounts it, and reports removals; see the markers in the script.
 
 Nothing runs at import time.
+
+Size (~400 lines): kernel, initramfs and the QEMU launcher are the one guest recipe, cached
+together; the Kata-like image and driver are guestimage.py and vmdriver.py.
 """
 
 from __future__ import annotations
@@ -40,8 +43,8 @@ from pathlib import Path
 
 from kata_ipu.block.qsd import QmpLink
 from kata_ipu.executor import DEFAULT, CommandFailed, Executor
-from kata_ipu.testing.cache import cache_dir as test_cache_dir
-from kata_ipu.testing.cache import locked
+from tests.support.cache import cache_dir as test_cache_dir
+from tests.support.cache import locked
 
 META_PACKAGE = "linux-image-cloud-amd64"
 

@@ -1,7 +1,7 @@
 """The Kata-like guest for VM tests: a Debian root image, an initramfs that boots it, and the
 project's guest code copied in at boot.
 
-Three pieces, each cached outside the repository under :func:`kata_ipu.testing.guest.cache_dir`
+Three pieces, each cached outside the repository under :func:`tests.support.guest.cache_dir`
 (``KATA_IPU_TEST_CACHE``, default ``/var/cache/kata-ipu-tests/guest``) and keyed by content:
 
 * :func:`root_image` — ``debootstrap --variant=minbase`` of Debian bookworm plus ``python3``,
@@ -9,8 +9,9 @@ Three pieces, each cached outside the repository under :func:`kata_ipu.testing.g
   ``mkfs.ext4 -d``. The key is the hash of the recipe (suite, mirror, package list, trim list,
   :data:`RECIPE_VERSION`), so the slow build (minutes) happens once per recipe, never per code
   change. The cache is never required: a missing image is built.
-* :func:`project_payload` — the project's guest code (``guest_hooks/``, ``kata_ipu/ttrpc/``, the
-  test agent and its codec), read from this checkout, so every run tests the current code.
+* :func:`project_payload` — the project's guest code (``guest_hooks/``, ``kata_ipu/ttrpc/`` and
+  the ``kata_ipu/osutil/`` it imports, the test agent and its codec), read from this checkout,
+  so every run tests the current code.
 * :func:`boot_initramfs` — busybox + the virtio modules + :data:`BOOT_INIT` + the payload. The
   init is "tiny" on purpose (Kata's agent-as-init shape): it loads the modules, finds the root
   disk by its virtio serial, mounts it read-only under a tmpfs overlay, copies the payload to
@@ -29,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from kata_ipu.executor import DEFAULT, Executor
-from kata_ipu.testing.guest import Kernel, _cache_lock, initramfs
+from tests.support.guest import Kernel, _cache_lock, initramfs
 
 RECIPE_VERSION = "1"
 SUITE = "bookworm"
@@ -49,11 +50,12 @@ PAYLOAD_FILES = (
     "kata_ipu/__init__.py",
     "kata_ipu/errors.py",
     "kata_ipu/protowire.py",
-    "kata_ipu/testing/__init__.py",
-    "kata_ipu/testing/agentproto.py",
-    "kata_ipu/testing/guest_agent.py",
+    "tests/__init__.py",
+    "tests/support/__init__.py",
+    "tests/support/agentproto.py",
+    "tests/support/guest_agent.py",
 )
-PAYLOAD_DIRS = ("kata_ipu/ttrpc", "guest_hooks")
+PAYLOAD_DIRS = ("kata_ipu/ttrpc", "kata_ipu/osutil", "guest_hooks")
 
 BOOT_INIT = r"""#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /lower /up /newroot /tmp
@@ -89,7 +91,7 @@ for m in dev proc sys; do mount --move /$m /newroot/$m; done
 echo "GUEST-ROOT-READY"
 export PYTHONPATH=/opt/kata-ipu PATH=/usr/sbin:/usr/bin:/sbin:/bin
 exec switch_root /newroot /usr/bin/python3 -X faulthandler \
-  -m kata_ipu.testing.guest_agent @AGENT_ARGS@
+  -m tests.support.guest_agent @AGENT_ARGS@
 """
 
 

@@ -1,9 +1,10 @@
 """systemd readiness (``Type=notify``): one datagram to ``$NOTIFY_SOCKET``.
 
-The daemon sends ``READY=1`` only after state recovery, so units ordered ``Before=`` it (e.g.
-containerd) start against a consistent IPU; ``STOPPING=1`` on SIGTERM; ``STATUS=`` lines in
-between. Without ``$NOTIFY_SOCKET`` (not under systemd) every call is a no-op.
-"""
+Used by every long-running program of the project (kata-ipud, kata-ipu-shimd, the
+snapshotter), so it lives on the ground floor. kata-ipud sends ``READY=1`` only after state
+recovery, so units ordered ``Before=`` it (e.g. containerd) start against a consistent IPU;
+``STOPPING=1`` on SIGTERM; ``STATUS=`` lines in between. Without ``$NOTIFY_SOCKET`` (not
+under systemd) every call is a no-op."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import logging
 import os
 import socket
 
-log = logging.getLogger("kata_ipu.daemon.notify")
+log = logging.getLogger("kata_ipu.osutil.notify")
 
 
 def notify(*fields: str) -> bool:
