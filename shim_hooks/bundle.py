@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kata_ipu.errors import FailedPrecondition, InvalidArgument
+from kata_ipu.osutil import atomicfile
 from shim_hooks.snapshotter.chain import ChainImage
 
 IPU_IMAGE = "io.katacontainers.ipu.image"
@@ -125,10 +125,7 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomically (a reader sees the old or the new record, never a torn one). Not fsynced:
     the records live as long as the bundle, in containerd's state directory (a tmpfs under
     /run), which a host crash empties anyway; kata-ipud's own recovery handles its side."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, sort_keys=True)
-    os.replace(tmp, path)
+    atomicfile.write_atomic(path, json.dumps(data, sort_keys=True).encode())
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -41,9 +41,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -53,6 +51,7 @@ from typing import Any
 
 from kata_ipu import log as jsonlog
 from kata_ipu.errors import KataIpuError
+from kata_ipu.osutil import unixsock
 from kata_ipu.protowire import WireError
 from kata_ipu.ttrpc import NAMESPACE_KEY, CallContext, Client, Metadata, Server, UnixListener
 from kata_ipu.ttrpc.errors import ConnectionClosed
@@ -563,14 +562,5 @@ def _remember_delegate_pid(proxy: TaskProxy, delegate: Client, bundle: Path,
 def _remove_dead_socket(address: str) -> None:
     if not address.startswith("unix://"):
         return
-    path = address.removeprefix("unix://")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            pass
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+    with contextlib.suppress(OSError):  # a path it cannot probe is left alone
+        unixsock.clear_stale_socket(address.removeprefix("unix://"))

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 from kata_ipu import log as jsonlog
-from kata_ipu.osutil import notify
+from kata_ipu.osutil import notify, unixsock
 from shim_hooks import handoff, procctx
 from shim_hooks.launcher import DEFAULT_SERVER
 
@@ -81,9 +81,8 @@ class Peer:
 
 
 def peer_of(conn: socket.socket) -> Peer:
-    pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                        struct.calcsize("3i")))
-    return Peer(pid, uid, gid)
+    cred = unixsock.peer_credentials(conn)
+    return Peer(cred.pid, cred.uid, cred.gid)
 
 
 def preload() -> None:
@@ -104,15 +103,11 @@ def bind(path: str) -> socket.socket:
     os.makedirs(os.path.dirname(path) or ".", mode=0o711, exist_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
-        if os.path.exists(path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            with probe:
-                try:
-                    probe.connect(path)
-                except OSError:
-                    os.unlink(path)  # nobody listens: a dead server's file
-                else:
-                    raise ServerError(f"{path}: another kata-ipu-shimd is serving there")
+        state = unixsock.clear_stale_socket(path, socket.SOCK_SEQPACKET)  # a dead server's
+        if state is not unixsock.PathState.FREE:
+            raise ServerError(f"{path}: another kata-ipu-shimd is serving there"
+                              if state is unixsock.PathState.SERVING
+                              else f"{path}: exists and is not a socket")
         old = os.umask(0o177)
         try:
             sock.bind(path)

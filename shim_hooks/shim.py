@@ -31,7 +31,6 @@ import hashlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kata_ipu.errors import KataIpuError
+from kata_ipu.osutil import unixsock
 from shim_hooks import bundle as bundles
 from shim_hooks import config as shimconfig
 from shim_hooks import runtimeopts, shimlog
@@ -105,15 +105,6 @@ def group_delegate_address(args: argparse.Namespace, spec: dict[str, object],
         return None
     key = os.path.normpath(os.path.join(args.address, args.namespace, group))
     return f"unix://{CONTAINERD_SOCKETS}/{hashlib.sha256(key.encode()).hexdigest()}"
-
-
-def _serving(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-        except OSError:
-            return False
-    return True
 
 
 class ShimError(Exception):
@@ -248,7 +239,7 @@ def delegate_started(d: Delegate, output: str, rc: int) -> Launched:
     shim_record: dict[str, object] = {
         "delegate": cfg.delegate, "delegate_binary": d.binary,
         "delegate_address": delegate_address, "address": address, "ipu_address": cfg.address}
-    grouped = _serving(listen)
+    grouped = unixsock.is_serving(listen)
     if grouped:
         log.info("reusing the proxy of a grouped delegate", extra={"address": address})
     return Launched(address, listen, delegate_address, shim_record, None, grouped)
@@ -546,7 +537,7 @@ def remove_dead_socket(address: object, wait: float = 0.0) -> None:
     path = address.removeprefix("unix://")
     deadline = time.monotonic() + wait
     while os.path.exists(path):
-        if not _serving(path):
+        if not unixsock.is_serving(path):
             bundles.remove(Path(path))
             return
         if time.monotonic() >= deadline:
@@ -563,7 +554,7 @@ def delete(args: argparse.Namespace, cfg: shimconfig.ShimConfig) -> bytes:
     # its apps). Only a proxy that no longer answers left its delegate behind.
     address = record.get("address")
     proxy_alive = (isinstance(address, str) and address.startswith("unix://") and
-                   _serving(address.removeprefix("unix://")))
+                   unixsock.is_serving(address.removeprefix("unix://")))
     killed = not proxy_alive and _kill_lingering_delegate(record, bundle.resolve())
     # a killed proxy or delegate leaves its socket; the delegate's own cleanup removes only the
     # socket named in <bundle>/address, which is the proxy's. A killed Go process lets go of

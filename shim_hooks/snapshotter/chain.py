@@ -3,8 +3,9 @@
 The proxy gives a container the IPU's writable clone of exactly the image containerd
 resolved, so it must know which image (pinned by digest) and how many of its layers the
 container's snapshot stacks on. Two files say it; both are written atomically by the
-snapshotter, under its root (root-only), and read by the proxy with the standard library alone
-(this module is imported on every container's start path)::
+snapshotter, under its root (root-only), and read by the proxy with the standard library
+and the ground floor (``kata_ipu.osutil``) alone (this module is imported on every
+container's start path)::
 
     <root>/lowers/<id>/lower.json     beside the mount point <root>/lowers/<id>/fs: the image
                                       and layer count of that lower. The proxy finds it from
@@ -28,6 +29,8 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from kata_ipu.osutil import atomicfile
 
 LOWER_FILE = "lower.json"
 LOWER_SCHEMA = "kata-ipu.snapshotter.lower.v1"
@@ -69,10 +72,7 @@ class ChainImage:
 
 
 def _write(path: Path, data: dict[str, object]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, sort_keys=True)
-    os.replace(tmp, path)
+    atomicfile.write_atomic(path, json.dumps(data, sort_keys=True).encode())
 
 
 def _read(path: Path) -> dict[str, object] | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from google.protobuf import empty_pb2, timestamp_pb2
 
 from kata_ipu import log as jsonlog
 from kata_ipu.errors import KataIpuError
+from kata_ipu.osutil import unixsock
 from shim_hooks.snapshotter.model import Info, Kind, Mount
 from shim_hooks.snapshotter.proto import mount_pb2
 from shim_hooks.snapshotter.proto import snapshots_pb2 as pb
@@ -167,15 +167,11 @@ def bind_socket(path: Path) -> None:
     """Make room for the socket: a stale one (nobody answers) is removed, a live one is an
     error (another snapshotter serves there)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
-    if not path.exists():
-        return
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(str(path))
-        except OSError:
-            os.unlink(path)
-            return
-    raise OSError(f"{path}: another snapshotter is listening there")
+    state = unixsock.clear_stale_socket(str(path))
+    if state is unixsock.PathState.SERVING:
+        raise OSError(f"{path}: another snapshotter is listening there")
+    if state is unixsock.PathState.NOT_A_SOCKET:
+        raise OSError(f"{path}: exists and is not a socket")
 
 
 async def start_server(snapshotter: Snapshotter, path: Path) -> grpc.aio.Server:
