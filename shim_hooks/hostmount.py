@@ -100,7 +100,7 @@ def mount_clone(device: str, target: str | os.PathLike[str], fstype: str,
 
 def umount(target: str | os.PathLike[str]) -> bool:
     """Unmount ``target`` if it is a mount point (busy: detach lazily); True if it was."""
-    from kata_ipu.block.fsutil import mount_source  # noqa: PLC0415 - not on a start path
+    from kata_ipu.osutil.mountinfo import mount_source  # noqa: PLC0415 - not on a start path
 
     if mount_source(target) is None:
         return False

@@ -169,31 +169,3 @@ def statvfs_space(path: str | os.PathLike[str]) -> tuple[int, int, int]:
     return total, total - st.f_bfree * st.f_frsize, st.f_bavail * st.f_frsize
 
 
-def mount_source(mountpoint: str | os.PathLike[str]) -> tuple[str, str] | None:
-    """(source, fstype) of the mount at ``mountpoint``, or None if nothing is mounted there."""
-    want = os.path.realpath(mountpoint)
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if _unescape(fields[4]) == want:
-                sep = fields.index("-")
-                found = (_unescape(fields[sep + 2]), fields[sep + 1])
-    return found
-
-
-def mounts_under(prefix: str | os.PathLike[str]) -> list[str]:
-    """Mount points at or below ``prefix`` (deepest first)."""
-    root = os.path.realpath(prefix)
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mp = _unescape(line.split()[4])
-            if mp == root or mp.startswith(root + "/"):
-                out.append(mp)
-    return sorted(out, key=len, reverse=True)
-
-
-def _unescape(field: str) -> str:
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace(
-        "\\134", "\\")

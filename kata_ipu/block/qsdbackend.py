@@ -35,6 +35,7 @@ from kata_ipu.block.model import Base, Device, ExportKind, Pool, State, Volume, 
 from kata_ipu.block.qsd import QmpLink
 from kata_ipu.block.records import Kind, VolumeRecord
 from kata_ipu.executor import DEFAULT, Executor
+from kata_ipu.osutil import mountinfo
 
 log = logging.getLogger("kata_ipu.block")
 
@@ -267,7 +268,7 @@ class QsdTarget(StoreTarget):
                 pass  # no such export (or already shutting down): the wait below tells
             self._wait_export_gone(link, eid)
             self._del_node(link, node)
-        if fsutil.mount_source(fuse) is not None:  # a dead daemon's FUSE mount
+        if mountinfo.mount_source(fuse) is not None:  # a dead daemon's FUSE mount
             self.executor.run(["umount", "-l", str(fuse)], check=False, timeout=30)
         for path in (fuse, self._vhost_sock(volume.id)):
             with contextlib.suppress(FileNotFoundError):

@@ -13,8 +13,9 @@ import logging
 import os
 from pathlib import Path
 
-from kata_ipu.block import fsutil, loop
+from kata_ipu.block import loop
 from kata_ipu.executor import DEFAULT, Executor
+from kata_ipu.osutil import mountinfo
 
 log = logging.getLogger("kata_ipu.block")
 
@@ -39,7 +40,7 @@ def create(image: Path, size: int, executor: Executor = DEFAULT) -> None:
 def mount(image: Path, mountpoint: Path, executor: Executor = DEFAULT) -> None:
     """Loop-mount the pool at ``mountpoint`` unless it already is."""
     mountpoint.mkdir(parents=True, exist_ok=True)
-    current = fsutil.mount_source(mountpoint)
+    current = mountinfo.mount_source(mountpoint)
     if current is not None:
         source, fstype = current
         minors = loop.find(image)
@@ -59,7 +60,7 @@ def mount(image: Path, mountpoint: Path, executor: Executor = DEFAULT) -> None:
 
 def unmount(image: Path, mountpoint: Path, executor: Executor = DEFAULT) -> None:
     """Unmount the pool and detach its loop devices (each step tolerates being done already)."""
-    current = fsutil.mount_source(mountpoint)
+    current = mountinfo.mount_source(mountpoint)
     if current is not None:
         executor.run(["umount", str(mountpoint)], timeout=60)
     with contextlib.suppress(FileNotFoundError):

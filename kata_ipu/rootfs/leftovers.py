@@ -19,15 +19,16 @@ import os
 import shutil
 from pathlib import Path
 
-from kata_ipu.block import fsutil, loop
+from kata_ipu.block import loop
 from kata_ipu.executor import DEFAULT, CommandFailed, Executor
+from kata_ipu.osutil import mountinfo
 
 
 def release_devices(directory: Path, *, executor: Executor = DEFAULT) -> list[str]:
     """Unmount and detach what a killed build left mounted or loop-attached under
     ``directory``."""
     done = []
-    for mountpoint in fsutil.mounts_under(directory):
+    for mountpoint in mountinfo.mounts_under(directory):
         try:
             executor.run(["umount", mountpoint])
         except CommandFailed:

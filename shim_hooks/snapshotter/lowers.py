@@ -30,8 +30,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from kata_ipu.block.fsutil import mount_source, mounts_under
 from kata_ipu.errors import FailedPrecondition, KataIpuError
+from kata_ipu.osutil.mountinfo import mount_source, mounts_under
 from shim_hooks import hostmount, ipu
 from shim_hooks.snapshotter.chain import ChainImage, lower_dir, write_lower
 from shim_hooks.snapshotter.model import RemoteImage

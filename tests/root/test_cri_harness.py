@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from kata_ipu.block.fsutil import mounts_under
+from kata_ipu.osutil.mountinfo import mounts_under
 from kata_ipu.testing.cri import ContainerSpec, ContainerState, CriError, ExecResult, PodSpec
 from kata_ipu.testing.crinode import CriNode, cri_cgroups, cri_config, publish_pause_image
 from kata_ipu.testing.ocibuild import LayerBuilder, OciLayout, busybox_tree

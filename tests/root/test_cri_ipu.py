@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from kata_ipu.block.fsutil import mounts_under
+from kata_ipu.osutil.mountinfo import mounts_under
 from kata_ipu.testing.cri import ContainerSpec, CriClient, CriError, PodSpec
 from kata_ipu.testing.crinode import (
     CRI_NAMESPACE,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kata_ipu.block.fsutil import mounts_under
+from kata_ipu.osutil.mountinfo import mounts_under
 from kata_ipu.rootfs import writeback
 from kata_ipu.rootfs.writers import LoopExt4Writer, SizePolicy
 from kata_ipu.testing.daemon import loops_under

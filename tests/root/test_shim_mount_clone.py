@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kata_ipu.block.fsutil import mounts_under
+from kata_ipu.osutil.mountinfo import mounts_under
 from shim_hooks import hostmount
 
 

@@ -22,7 +22,7 @@ import grpc
 import pytest
 from google.protobuf import empty_pb2
 
-from kata_ipu.block.fsutil import mount_source, mounts_under
+from kata_ipu.osutil.mountinfo import mount_source, mounts_under
 from kata_ipu.testing.daemon import IpuDaemon, running
 from kata_ipu.testing.ocibuild import LayerBuilder
 from kata_ipu.testing.prereq import require_programs, require_root
