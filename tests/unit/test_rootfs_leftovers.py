@@ -33,7 +33,7 @@ def test_cleanup_unmounts_detaches_and_deletes(tmp_path: Path,
     (build / ".rootfs-stage-y" / "etc").mkdir(parents=True)
     (build / "b1.img").write_bytes(b"x")
     mnt = str(build / ".rootfs-mnt-x")
-    monkeypatch.setattr(leftovers.fsutil, "mounts_under", lambda _d: [mnt])
+    monkeypatch.setattr(leftovers.mountinfo, "mounts_under", lambda _d: [mnt])
     monkeypatch.setattr(leftovers.loop, "find_under", lambda _d: [(5, str(build / "b1.img"))])
     detached: list[int] = []
     monkeypatch.setattr(leftovers.loop, "detach",
