@@ -96,3 +96,26 @@ def test_the_guest_payload_holds_every_project_module_it_imports() -> None:
                         name not in payload:
                     missing.setdefault(rel, set()).add(name)
     assert missing == {}
+
+
+# docs/layout.md: what each package may import of the project (besides itself). The leaves
+# every package may use: errors, the executor, JSON logging, the protobuf wire helpers.
+LEAVES = ("kata_ipu.errors", "kata_ipu.executor", "kata_ipu.log", "kata_ipu.protowire")
+MAY_IMPORT = {
+    "kata_ipu.ttrpc": ("kata_ipu.osutil",),
+    "kata_ipu.block": ("kata_ipu.osutil",),
+    "kata_ipu.rootfs": ("kata_ipu.osutil", "kata_ipu.block", "kata_ipu.oci"),
+    "kata_ipu.image": ("kata_ipu.oci", "kata_ipu.content", "kata_ipu.osutil"),
+    "kata_ipu.cli": ("kata_ipu.api", "kata_ipu.ttrpc", "kata_ipu.__version__"),
+    "shim_hooks": ("kata_ipu.osutil", "kata_ipu.ttrpc", "kata_ipu.api", "kata_ipu.image"),
+    "guest_hooks": (),
+}
+
+
+@pytest.mark.parametrize("package", sorted(MAY_IMPORT))
+def test_package_imports_only_what_the_layout_allows(package: str) -> None:
+    allowed = MAY_IMPORT[package] + (LEAVES if package != "guest_hooks" else ())
+    bad = _outside(package, allowed)
+    # ``from kata_ipu import log`` names the package itself: judged by the name it imports
+    bad = {m: {n for n in names if n != "kata_ipu"} for m, names in bad.items()}
+    assert {m: n for m, n in bad.items() if n} == {}
