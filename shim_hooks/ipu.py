@@ -93,9 +93,9 @@ def has_kept(address: str) -> bool:
 
 
 async def drop_kept() -> None:
-    """Close kept connections no ``Prepare`` used: a spare's, once its start is done (the
-    proxy keeps its own for a pod's next container, made after a Create), and the proxy's
-    when it exits."""
+    """Close kept connections no ``Prepare`` used: a spare's, once its start is done (a
+    proxy that later containers join keeps its own for the next one), and the proxy's when
+    it exits."""
     kept = list(_kept.values())
     _kept.clear()
     for client in kept:

@@ -77,7 +77,7 @@ Handler = Callable[[CallContext, bytes], Awaitable[bytes]]
 REMEMBER_DELAY = 0.5  # seconds to wait for containerd's Connect before asking the delegate
 PROXY_SERVICE = "kataipu.shim.v1.Proxy"
 EXPECT_TTL = 120.0  # seconds an expected container's rootfs waits for its Create
-KEEP_DELAY = 0.25  # seconds after a Create before the proxy connects ahead to kata-ipud
+KEEP_DELAY = 0.25  # seconds after an Expect before the proxy connects ahead to kata-ipud
 
 
 @dataclass
@@ -323,10 +323,11 @@ class TaskProxy:
         await ipu.drop_kept()
 
     def _keep_connection(self) -> None:
-        """A pod's proxy serves its later containers too: have a connection to kata-ipud
-        open for the next ``Prepare`` (:func:`ipu.keep_connection`; a new connection costs
-        that container's start a connect and the daemon's accept). Made a moment after a
-        Create, not while its container starts."""
+        """A pod whose later containers join this proxy (``Expect``) may have more: have a
+        connection to kata-ipud open for the next one's ``Prepare``
+        (:func:`ipu.keep_connection`; a new connection costs that container's start a
+        connect and the daemon's accept). Made a moment later, not while this container
+        starts. A proxy no container joins (a single container, a pod of one) keeps none."""
         def connect() -> None:
             if not ipu.has_kept(self.cfg.address):
                 task = asyncio.ensure_future(ipu.keep_connection(self.cfg.address))
@@ -353,6 +354,7 @@ class TaskProxy:
             log.info("preparing the rootfs of an expected container",
                      extra={"container_id": cid, "namespace": namespace})
             self.early[cid] = early
+            self._keep_connection()  # a pod with later containers: for the next one
             asyncio.get_running_loop().call_later(EXPECT_TTL,
                                                   lambda: self._unclaimed(cid, early))
 
@@ -426,7 +428,6 @@ class TaskProxy:
                     return await self.forward("Create", ctx, payload)
                 log.error("%s", exc)
                 raise
-            self._keep_connection()  # for the pod's next container
             if prepared is None:  # a CRI sandbox, or an image unpacked on the host
                 return await self.forward("Create", ctx, payload)
             bundle = Path(req.bundle)

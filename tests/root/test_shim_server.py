@@ -34,6 +34,7 @@ from kata_ipu.testing.ocibuild import LayerBuilder, OciLayout, busybox_tree
 from kata_ipu.testing.prereq import require_programs, require_root
 from kata_ipu.testing.registry import RegistryServer, push
 from kata_ipu.testing.shimd import ShimServer
+from kata_ipu.testing.wait import until
 from shim_hooks import handoff
 from shim_hooks.shim import PROXY_NAME
 from tests.root.test_shim_containerd import _root_mount, _task, _wait_status, run_pod, stop_pod
@@ -378,6 +379,17 @@ def test_a_spare_prepares_on_a_connection_it_kept_and_gets_over_a_daemon_restart
         (proxy,) = _proxies_under(c.workdir)
         assert spare_connected()  # the server's next spare has its own, as before
         assert not _connected_to(proxy, ipud_socket)
+        # a container that joins the pod's proxy (Expect): the proxy then keeps one for the
+        # pod's next container
+        out = c.ctr("run", "--rm", "--runtime", RUNTIME, "--annotation", f"{IMAGE_ANN}={env.ref}",
+                    "--annotation", "io.kubernetes.cri.container-type=container",
+                    "--annotation", "io.kubernetes.cri.sandbox-id=keptpod", env.ref, "keptapp",
+                    "sh", "-c", "grep ' / ' /proc/mounts | cut -d' ' -f1", timeout=120,
+                    check=False)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("/dev/loop"), out.stdout
+        assert _proxies_under(c.workdir) == [proxy]  # it joined, no proxy of its own
+        assert until(lambda: _connected_to(proxy, ipud_socket), 10)
         c.ctr("task", "kill", "-s", "SIGKILL", "keptpod")
         _wait_status(c, "keptpod", "STOPPED")
         c.ctr("task", "delete", "keptpod")
