@@ -65,6 +65,7 @@ from kata_ipu.block.records import BaseRecord, Kind, Record, VolumeRecord
 from kata_ipu.block.store import Store
 from kata_ipu.errors import FailedPrecondition
 from kata_ipu.executor import DEFAULT, Executor
+from kata_ipu.osutil import mountinfo
 
 log = logging.getLogger("kata_ipu.block")
 
@@ -361,7 +362,7 @@ class StoreTarget(BlockTarget):
 
     def _check_not_mounted(self, vol: Volume, device: Device) -> None:
         if (device.major is not None and device.minor is not None
-                and loop.is_mounted(device.major, device.minor)):
+                and mountinfo.device_is_mounted(device.major, device.minor)):
             raise VolumeBusy(vol.id, f"{device.path} is mounted")
 
     def unexport(self, volume: Volume | str, *, force: bool = False) -> None:

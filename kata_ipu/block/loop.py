@@ -230,10 +230,3 @@ def detach(minor: int, expected_file: str | os.PathLike[str]) -> bool:
 def detach_all(file: str | os.PathLike[str]) -> int:
     """Detach every loop serving ``file``; returns how many were detached."""
     return sum(detach(minor, file) for minor in find(file))
-
-
-def is_mounted(major: int, minor: int) -> bool:
-    """Whether block device ``major:minor`` is mounted anywhere (from mountinfo)."""
-    want = f"{major}:{minor}"
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split(" ", 3)[2] == want for line in f)
