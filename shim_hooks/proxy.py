@@ -314,6 +314,7 @@ class TaskProxy:
         self.on_delegate_pid: Callable[[int], None] | None = None
         self._tasks: set[asyncio.Future[None]] = set()
         self._created: set[str] = set()  # containers whose Create has come (until Delete)
+        self._keeping: asyncio.Future[None] | None = None  # a connect ahead under way
 
     async def close(self) -> None:
         """Release what was prepared for a ``Create`` that never came."""
@@ -329,10 +330,14 @@ class TaskProxy:
         connect and the daemon's accept). Made a moment later, not while this container
         starts. A proxy no container joins (a single container, a pod of one) keeps none."""
         def connect() -> None:
-            if not ipu.has_kept(self.cfg.address):
-                task = asyncio.ensure_future(ipu.keep_connection(self.cfg.address))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+            # one at a time: a second connect while the first is under way would replace
+            # the first's connection in ipu's table and leave it open, unused
+            if ipu.has_kept(self.cfg.address) or (self._keeping is not None
+                                                  and not self._keeping.done()):
+                return
+            task = self._keeping = asyncio.ensure_future(ipu.keep_connection(self.cfg.address))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
         asyncio.get_running_loop().call_later(KEEP_DELAY, connect)
 
