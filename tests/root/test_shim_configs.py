@@ -97,16 +97,6 @@ def test_runtimeclass_handlers_exist_in_the_snippets() -> None:
         assert set(handlers) <= set(runtimes)
 
 
-def test_kata_drop_in_enables_block_rootfs_on_q35() -> None:
-    kata = tomllib.loads((CONFIGS / "kata" / "configuration-ipu.toml").read_text())
-    qemu = kata["hypervisor"]["qemu"]
-    assert qemu["machine_type"] == "q35"
-    assert qemu["disable_block_device_use"] is False
-    assert qemu["block_device_driver"] == "virtio-blk"
-    timeout = re.search(r"agent\.hotplug_timeout=(\d+)", qemu["kernel_params"])
-    assert timeout is not None and int(timeout.group(1)) > 3
-
-
 @pytest.mark.parametrize(("name", "binary"), [("kata-ipud", "kata-ipud"),
                                               ("kata-ipu-shimd", "kata-ipu-shimd"),
                                               ("kata-ipu-snapshotter", "kata-ipu-snapshotter")])
