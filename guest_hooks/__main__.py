@@ -2,7 +2,7 @@
 
 ::
 
-    python3 -m guest_hooks mount (--serial S | --pci-path 02/01) --fstype ext4 --target DIR
+    python3 -m guest_hooks mount --pci-path 02/01 --fstype ext4 --target DIR
                                  [--readonly] [--timeout 3] [--no-fsck]
     python3 -m guest_hooks umount --target DIR
     python3 -m guest_hooks hook          # OCI prestart/createRuntime/poststop hook:
@@ -43,9 +43,7 @@ def run(argv: Sequence[str], stdin_text: str | None = None) -> dict[str, object]
     parser = argparse.ArgumentParser(prog="python3 -m guest_hooks")
     sub = parser.add_subparsers(dest="command", required=True)
     m = sub.add_parser("mount", help="find a hot-plugged disk and mount it")
-    who = m.add_mutually_exclusive_group(required=True)
-    who.add_argument("--serial")
-    who.add_argument("--pci-path")
+    m.add_argument("--pci-path", required=True, help="<bridge slot>/<device slot>, hex")
     m.add_argument("--fstype", default="ext4")
     m.add_argument("--target", required=True)
     m.add_argument("--readonly", action="store_true")
@@ -57,8 +55,7 @@ def run(argv: Sequence[str], stdin_text: str | None = None) -> dict[str, object]
     args = parser.parse_args(argv)
 
     if args.command == "mount":
-        locator = (Locator(serial=args.serial) if args.serial is not None
-                   else Locator(pci_path=PciPath.parse(args.pci_path)))
+        locator = Locator(PciPath.parse(args.pci_path))
         return _mount(locator, args.target, args.fstype, args.readonly, args.timeout,
                       not args.no_fsck)
     if args.command == "umount":

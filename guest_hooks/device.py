@@ -1,10 +1,13 @@
-"""Find a hot-plugged disk by virtio serial or by Kata PCI path, waiting on kernel uevents.
+"""Find a hot-plugged disk by its Kata PCI path, waiting on kernel uevents.
 
-Never guesses ``/dev/vdX``: a disk is identified only by what the host set (the serial of a
-``virtio-blk-pci`` device) or where the host put it (its PCI path, read back with
-``query-pci``). The wait is race-free: the netlink monitor is started *before* sysfs is scanned
-for a disk that is already there, so an add event between the two cannot be missed. Kernel
-uevents are read directly (pyudev ``source="kernel"``), as Kata's agent does; no udevd needed.
+Never guesses ``/dev/vdX``: a disk is identified only by where the host put it, its PCI path
+(``<bridge slot>/<device slot>``, read back with ``query-pci``), which is what Kata gives its
+agent (``Storage.source`` of driver ``blk``). Not by a virtio serial: Kata's ``device_add``
+sets none (``qemu.go: hotplugAddBlockDevice`` → ``executePCIDeviceAdd``).
+
+The wait is race-free: the netlink monitor is started *before* sysfs is scanned for a disk that
+is already there, so an add event between the two cannot be missed. Kernel uevents are read
+directly (pyudev ``source="kernel"``), as Kata's agent does; no udevd needed.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from guest_hooks.errors import DeviceTimeout, InvalidArgument
+from guest_hooks.errors import DeviceTimeout
 from guest_hooks.pcipath import PciPath
 
 SYS_BLOCK = "/sys/class/block"
@@ -27,34 +30,23 @@ class BlockDevice:
     name: str  # vdb
     node: str  # /dev/vdb
     devpath: str  # /devices/pci0000:00/.../virtio3/block/vdb
-    serial: str
+    serial: str  # shown when the disk is not found; never used to find it
     readonly: bool
 
 
 @dataclass(frozen=True)
 class Locator:
-    """How to recognise the disk: exactly one of ``serial`` or ``pci_path``."""
+    """How to recognise the disk: its PCI path."""
 
-    serial: str | None = None
-    pci_path: PciPath | None = None
-
-    def __post_init__(self) -> None:
-        if (self.serial is None) == (self.pci_path is None):
-            raise InvalidArgument("give exactly one of a serial or a PCI path")
-        if self.serial is not None and not self.serial:
-            raise InvalidArgument("empty serial")
+    pci_path: PciPath
 
     def __str__(self) -> str:
-        return f"serial={self.serial}" if self.serial is not None else f"pci-path={self.pci_path}"
+        return f"pci-path={self.pci_path}"
 
-    def matcher(self, sysfs_devices: str = "/sys/devices") -> Callable[[str, str], bool]:
-        """``match(devpath, serial) -> bool`` for a disk."""
-        if self.serial is not None:
-            wanted = self.serial
-            return lambda _devpath, serial: serial == wanted
-        assert self.pci_path is not None
+    def matcher(self, sysfs_devices: str = "/sys/devices") -> Callable[[str], bool]:
+        """``match(devpath) -> bool`` for a disk."""
         rx: re.Pattern[str] = self.pci_path.block_devpath_pattern(sysfs_devices)
-        return lambda devpath, _serial: rx.match(devpath) is not None
+        return lambda devpath: rx.match(devpath) is not None
 
 
 def _read(path: str) -> str:
@@ -65,7 +57,8 @@ def _read(path: str) -> str:
         return ""
 
 
-def _describe(name: str, sys_block: str = SYS_BLOCK) -> BlockDevice | None:
+def _describe(name: str, sys_block: str = SYS_BLOCK,
+              sysfs_devices: str = "/sys/devices") -> BlockDevice | None:
     base = os.path.join(sys_block, name)
     try:
         real = os.path.realpath(base)
@@ -74,7 +67,9 @@ def _describe(name: str, sys_block: str = SYS_BLOCK) -> BlockDevice | None:
     if not os.path.exists(os.path.join(base, "device")) or os.path.exists(
             os.path.join(base, "partition")):
         return None  # not a whole disk (partition, loop, ram...)
-    devpath = real[len("/sys"):] if real.startswith("/sys/") else real
+    # the uevent DEVPATH form: /devices/... (sysfs_devices is /sys/devices but for tests)
+    devpath = ("/devices" + real[len(sysfs_devices):]
+               if real.startswith(sysfs_devices + "/") else real)
     return BlockDevice(name, f"/dev/{name}", devpath, _read(os.path.join(base, "serial")),
                        _read(os.path.join(base, "ro")) == "1")
 
@@ -88,8 +83,8 @@ def scan(locator: Locator, sys_block: str = SYS_BLOCK,
     except OSError:
         return None
     for name in names:
-        dev = _describe(name, sys_block)
-        if dev is not None and match(dev.devpath, dev.serial):
+        dev = _describe(name, sys_block, sysfs_devices)
+        if dev is not None and match(dev.devpath):
             return dev
     return None
 
@@ -137,5 +132,5 @@ def wait_for_disk(locator: Locator, timeout: float = 3.0) -> BlockDevice:
         dev = _describe(device.sys_name)
         if dev is None:
             continue  # added and already gone again
-        if match(dev.devpath, dev.serial):
+        if match(dev.devpath):
             return _wait_node(dev, deadline, timeout)

@@ -1,10 +1,15 @@
 """What the OCI hook needs from the runtime: the state JSON on stdin and the bundle's
-``config.json``; the disk and fstype come from annotations set by the kata-ipu shim.
+``config.json``; the disk and fstype come from annotations set by whoever hot-plugged it.
+
+Only the VMM side knows the PCI slot it chose, so only it can set the PCI path: the project's
+Kata-semantics driver does (vhost-user-blk roots, which Kata's runtimes take only as volumes).
+Kata's own runtime never sets these annotations; it hands the agent a ``Storage`` with the
+same PCI path and the agent mounts the disk itself, so the hook has nothing to do there and
+skips the container.
 
 Annotations (state ``annotations`` first, then ``config.json``)::
 
-    io.katacontainers.ipu.rootfs.serial      virtio serial of the disk      } one of the two
-    io.katacontainers.ipu.rootfs.pci-path    Kata PCI path, e.g. 02/01      }
+    io.katacontainers.ipu.rootfs.pci-path    Kata PCI path, e.g. 02/01 (required)
     io.katacontainers.ipu.rootfs.fstype      ext4 (default) | erofs | xfs
     io.katacontainers.ipu.rootfs.readonly    "true": read-only disk under an overlay
     io.katacontainers.ipu.rootfs.timeout     seconds to wait for the disk (default 3)
@@ -22,7 +27,6 @@ from guest_hooks.errors import InvalidArgument, NotAnnotated
 from guest_hooks.pcipath import PciPath
 
 PREFIX = "io.katacontainers.ipu.rootfs."
-SERIAL = PREFIX + "serial"
 PCI_PATH = PREFIX + "pci-path"
 FSTYPE = PREFIX + "fstype"
 READONLY = PREFIX + "readonly"
@@ -71,10 +75,10 @@ def hook_request(state: dict[str, Any]) -> HookRequest:
     for source in (config.get("annotations") or {}, state.get("annotations") or {}):
         if isinstance(source, dict):
             notes.update({str(k): str(v) for k, v in source.items()})
-    serial, pci = notes.get(SERIAL), notes.get(PCI_PATH)
-    if not serial and not pci:
-        raise NotAnnotated(f"neither {SERIAL} nor {PCI_PATH} is annotated")
-    locator = Locator(serial=serial) if serial else Locator(pci_path=PciPath.parse(pci or ""))
+    pci = notes.get(PCI_PATH)
+    if not pci:
+        raise NotAnnotated(f"{PCI_PATH} is not annotated")
+    locator = Locator(PciPath.parse(pci))
     try:
         timeout = float(notes.get(TIMEOUT, "3"))
     except ValueError as exc:

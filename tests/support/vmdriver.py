@@ -265,8 +265,7 @@ class Shim:
             args: dict[str, Any] = {"id": qdev, "driver": "virtio-blk-pci", "drive": node,
                                     "addr": f"{slot:#x}", "bus": BRIDGE, "share-rw": True,
                                     "romfile": ""}
-            if dev.serial:
-                args["serial"] = dev.serial
+            # no "serial": Kata's executePCIDeviceAdd sets none, so nothing may depend on it
             try:
                 qmp.execute("device_add", args)
             except BaseException:

@@ -37,10 +37,10 @@ def test_hook_request_from_state_and_config(tmp_path: Path) -> None:
 
 
 def test_state_annotations_override_and_absolute_root(tmp_path: Path) -> None:
-    bundle = _bundle(tmp_path, {oci.SERIAL: "from-config"}, root="/run/c1/rootfs")
+    bundle = _bundle(tmp_path, {oci.PCI_PATH: "02/01"}, root="/run/c1/rootfs")
     req = oci.hook_request({"id": "c1", "bundle": str(bundle),
-                            "annotations": {oci.SERIAL: "from-state", oci.READONLY: "true"}})
-    assert req.locator.serial == "from-state" and req.readonly
+                            "annotations": {oci.PCI_PATH: "02/03", oci.READONLY: "true"}})
+    assert req.locator.pci_path == PciPath((2, 3)) and req.readonly
     assert req.root == "/run/c1/rootfs"
 
 
@@ -54,12 +54,12 @@ def test_bad_state(text: str, message: str) -> None:
 
 def test_missing_annotations_and_config(tmp_path: Path) -> None:
     bundle = _bundle(tmp_path, {})
-    with pytest.raises(InvalidArgument, match="neither"):
+    with pytest.raises(InvalidArgument, match="pci-path is not annotated"):
         oci.hook_request({"id": "c", "bundle": str(bundle)})
     with pytest.raises(InvalidArgument, match="cannot read"):
         oci.hook_request({"id": "c", "bundle": str(tmp_path / "nope")})
     (tmp_path / "other").mkdir()
-    bad = _bundle(tmp_path / "other", {oci.SERIAL: "s", oci.TIMEOUT: "soon"})
+    bad = _bundle(tmp_path / "other", {oci.PCI_PATH: "02/01", oci.TIMEOUT: "soon"})
     with pytest.raises(InvalidArgument, match="not a number"):
         oci.hook_request({"id": "c", "bundle": str(bad)})
 
@@ -102,7 +102,7 @@ def test_hook_skips_containers_without_ipu_annotations(
         monkeypatch: pytest.MonkeyPatch) -> None:
     bundle = _bundle(tmp_path, {"other": "x"})
     result = cli.run(["hook"], json.dumps({"id": "c9", "bundle": str(bundle)}))
-    assert result["id"] == "c9" and "neither" in str(result["skipped"])
+    assert result["id"] == "c9" and "pci-path is not annotated" in str(result["skipped"])
     monkeypatch.setattr("sys.stdin", io.StringIO("{"))
     assert cli.main(["hook"]) == 1
     assert "invalid-argument: OCI state on stdin is not JSON" in capsys.readouterr().err

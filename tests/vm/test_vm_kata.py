@@ -125,17 +125,17 @@ def test_erofs_export_is_read_only_under_an_overlay(env: tuple[KataVM, Shim, str
     _assert_clean_host(shim, ipud_dir)
 
 
-def test_guest_hook_finds_the_disk_by_serial(env: tuple[KataVM, Shim, str, Path]) -> None:
+def test_guest_hook_finds_the_disk_by_pci_path(env: tuple[KataVM, Shim, str, Path]) -> None:
     """No Storage: the agent runs the image's guest_hook_path prestart hook (``python3 -m
-    guest_hooks hook``, OCI state on stdin), which finds the disk by the serial the IPU export
-    set and mounts it at the bundle's root.path; the poststop hook unmounts it."""
+    guest_hooks hook``, OCI state on stdin), which finds the disk by the PCI path of the slot
+    the VMM side plugged it into (no serial: Kata sets none, and neither does the driver) and
+    mounts it at the bundle's root.path; the poststop hook unmounts it."""
     vm, shim, image, ipud_dir = env
     rootfs = shim.prepare("h1", image, pb.HOST_BLOCK)
-    assert rootfs.device.serial
     att = shim.hotplug("h1", rootfs)
     spec = ap.Spec(process=ap.Process(["sh", "-c", SCRIPT], ["PATH=/bin"]),
                    root_path=att.mount_point, hostname="h1", annotations={
-                       oci.SERIAL: rootfs.device.serial, oci.FSTYPE: "ext4"})
+                       oci.PCI_PATH: att.pci_path, oci.FSTYPE: "ext4"})
     mark = vm.serial.mark()
     vm.agent_call("CreateContainer", ap.CreateContainerRequest("h1", oci=spec).encode())
     created = vm.serial.wait(r"AGENT-CREATED h1 (.*)", 30, mark)
