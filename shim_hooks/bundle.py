@@ -145,11 +145,14 @@ def remove(path: Path) -> None:
         pass
 
 
-def set_root_path(bundle: str | Path, root: str) -> str:
-    """Point ``root.path`` of the bundle's config.json at ``root``; returns the old value."""
+def set_root_path(bundle: str | Path, root: str, *, readonly: bool = False) -> str:
+    """Point ``root.path`` of the bundle's config.json at ``root`` (and set ``root.readonly``
+    if ``readonly``); returns the old path."""
     path = Path(bundle) / "config.json"
     spec = read_spec(bundle)
     old = str((spec.get("root") or {}).get("path", "rootfs"))
     spec.setdefault("root", {})["path"] = root
+    if readonly:
+        spec["root"]["readonly"] = True
     write_json(path, spec)
     return old

@@ -56,7 +56,7 @@ from kata_ipu.protowire import WireError
 from kata_ipu.ttrpc import NAMESPACE_KEY, CallContext, Client, Metadata, Server, UnixListener
 from kata_ipu.ttrpc.errors import ConnectionClosed
 from shim_hooks import bundle as bundles
-from shim_hooks import hostmount, ipu
+from shim_hooks import hostmount, ipu, katarules
 from shim_hooks.config import ShimConfig
 from shim_hooks.snapshotter import chain as chains
 from shim_hooks.taskapi import (
@@ -129,6 +129,11 @@ async def prepare(cfg: ShimConfig, namespace: str, cid: str, bundle: Path,
         cfg.address, key, plan.image, plan.export,
         {"containerd.io/namespace": namespace, "containerd.io/id": cid, **sandbox},
         cfg.timeout, layers=plan.layers)
+    try:
+        katarules.check_export(cfg.delegate, prepared.fstype, key)
+    except KataIpuError:
+        await ipu.release(cfg.address, key, cfg.timeout)
+        raise
     if premounts(cfg, prepared):
         # recorded before it is mounted: the delete action unmounts whatever is there
         prepared = dataclasses.replace(prepared, mountpoint=str(bundle / "rootfs"))
@@ -428,6 +433,8 @@ class TaskProxy:
                                              chain=chain)
             except KataIpuError as exc:
                 if self.cfg.fallback == "passthrough":
+                    katarules.check_passthrough(self.cfg.delegate, req.rootfs, req.id,
+                                                exc.message)
                     log.warning("IPU rootfs unavailable, passing the original rootfs through: "
                                 "%s", exc)
                     return await self.forward("Create", ctx, payload)
@@ -443,8 +450,10 @@ class TaskProxy:
                     prefetch(prepared.mountpoint, bundle)
                     return reply
                 spec = bundles.read_spec(bundle)
-                if (spec.get("root") or {}).get("path") != "rootfs":
-                    bundles.set_root_path(bundle, "rootfs")
+                readonly = katarules.needs_readonly_root(self.cfg.delegate, prepared.options,
+                                                         spec)
+                if (spec.get("root") or {}).get("path") != "rootfs" or readonly:
+                    bundles.set_root_path(bundle, "rootfs", readonly=readonly)
                 return await self.forward("Create", ctx,
                                           replace_rootfs(payload, (prepared.mount(),)))
             except BaseException as exc:
